@@ -1,0 +1,137 @@
+"""Find a corpus: explicit file → ``LLMPRUNE_DATA_DIR`` → ``datasets`` from the Hugging Face hub.
+
+A corpus is a list of documents (C4, jsonl files) or of lines (WikiText, plain text), plus
+how the seed papers join them before tokenising.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmprune.errors import LLMPruneError
+
+# Files under LLMPRUNE_DATA_DIR, in the layout of the public releases.
+LOCAL_FILES = {
+    ("wikitext2", "train"): ["wikitext-2-raw/wiki.train.raw"],
+    ("wikitext2", "validation"): ["wikitext-2-raw/wiki.valid.raw"],
+    ("wikitext2", "test"): ["wikitext-2-raw/wiki.test.raw"],
+    ("c4", "train"): ["c4/c4-train.00000-of-01024.json.gz", "c4/c4-train.00000-of-01024.json",
+                      "c4/c4-train.00000-of-01024.sample.jsonl"],
+    ("c4", "validation"): ["c4/c4-validation.00000-of-00008.json.gz",
+                           "c4/c4-validation.00000-of-00008.json",
+                           "c4/c4-validation.00000-of-00008.sample.jsonl"],
+}
+NAMES = ("wikitext2", "c4")
+# The seed papers evaluate C4 on the first 1100 validation documents.
+C4_EVAL_DOCS = 1100
+
+
+@dataclass
+class Corpus:
+    """Text pieces plus how to join them; ``kind`` is ``lines`` (WikiText, plain text) or ``docs``."""
+
+    pieces: list[str]
+    kind: str
+    label: str
+    source: str
+
+
+def data_dir() -> Path | None:
+    d = os.environ.get("LLMPRUNE_DATA_DIR")
+    return Path(d).expanduser() if d else None
+
+
+def _wikitext_rows(text: str) -> list[str]:
+    # As the HF `wikitext` builder yields them: each line with its newline, blank lines as "".
+    return [row if row.strip() else "" for row in text.splitlines(keepends=True)]
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def read_file(path: str | Path) -> Corpus:
+    """A local ``.jsonl`` / ``.json(.gz)`` file of ``{"text": ...}`` documents, or plain text."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LLMPruneError(f"data file {p} does not exist")
+    if p.name.endswith((".jsonl", ".json", ".json.gz", ".jsonl.gz")):
+        try:
+            docs = _read_jsonl(p)
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LLMPruneError(f"{p}: expected one JSON object with a 'text' field per line ({e})") from e
+        return Corpus(docs, "docs", p.name, str(p))
+    return Corpus(_wikitext_rows(p.read_text(encoding="utf-8")), "lines", p.name, str(p))
+
+
+def local_path(name: str, split: str) -> tuple[Path | None, list[Path]]:
+    """The first existing file for ``(name, split)`` under LLMPRUNE_DATA_DIR, and all candidates."""
+    d = data_dir()
+    cands = [d / rel for rel in LOCAL_FILES[(name, split)]] if d else []
+    for c in cands:
+        if c.is_file():
+            return c, cands
+    return None, cands
+
+
+def _from_hub(name: str, split: str) -> list[str]:
+    import datasets
+
+    if name == "wikitext2":
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    else:
+        shard = {"train": "en/c4-train.00000-of-01024.json.gz",
+                 "validation": "en/c4-validation.00000-of-00008.json.gz"}[split]
+        ds = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
+    return list(ds["text"])
+
+
+def load_corpus(name_or_path: str, split: str) -> Corpus:
+    """Resolve a named corpus (``wikitext2``, ``c4``) or a file path; see the module docstring."""
+    if name_or_path not in NAMES:
+        return read_file(name_or_path)
+    if (name_or_path, split) not in LOCAL_FILES:
+        raise LLMPruneError(f"{name_or_path} has no {split!r} split")
+    path, cands = local_path(name_or_path, split)
+    if path is not None:
+        corpus = read_file(path)
+        corpus.label = _label(name_or_path, split, corpus)
+        return corpus
+    try:
+        pieces = _from_hub(name_or_path, split)
+    except Exception as e:  # any hub failure becomes one actionable message
+        looked = ", ".join(str(c) for c in cands) if cands else "LLMPRUNE_DATA_DIR (not set)"
+        hint = (" WikiText-2 train is not available offline: calibrate on c4 (the default) or a "
+                "local file (--calib FILE)." if (name_or_path, split) == ("wikitext2", "train") else "")
+        raise LLMPruneError(
+            f"could not find {name_or_path} {split}: looked in {looked} and on the Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:200]}).{hint} Set LLMPRUNE_DATA_DIR to a folder holding "
+            f"{' or '.join(LOCAL_FILES[(name_or_path, split)])}, or pass a file path."
+        ) from e
+    kind = "lines" if name_or_path == "wikitext2" else "docs"
+    corpus = Corpus(pieces, kind, "", f"hub:{name_or_path}/{split}")
+    corpus.label = _label(name_or_path, split, corpus)
+    return corpus
+
+
+def _label(name: str, split: str, corpus: Corpus) -> str:
+    if name == "c4" and split == "validation" and len(corpus.pieces) < C4_EVAL_DOCS:
+        return f"c4 ({len(corpus.pieces)}-document validation sample, not the standard 1100)"
+    return name if split in ("test", "validation") else f"{name}-{split}"
+
+
+def check_available(name_or_path: str, split: str) -> None:
+    """Fail fast, before the model loads, when a corpus cannot be found locally or offline."""
+    if name_or_path not in NAMES:
+        if not Path(name_or_path).expanduser().is_file():
+            raise LLMPruneError(f"data file {name_or_path!r} does not exist (and is not one of {', '.join(NAMES)})")
+        return
+    path, cands = local_path(name_or_path, split)
+    if path is None and os.environ.get("HF_HUB_OFFLINE") == "1" or (path is None and os.environ.get("HF_DATASETS_OFFLINE") == "1"):
+        load_corpus(name_or_path, split)  # raises the full message

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random models of several families with a tiny real tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach the hub: missing local data must fail fast, not retry for 30 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path | None:
+    d = os.environ.get("LLMPRUNE_DATA_DIR")
+    if d and Path(d).is_dir():
+        return Path(d)
+    guess = REPO.parent / "shared" / "data"
+    if guess.is_dir():
+        os.environ["LLMPRUNE_DATA_DIR"] = str(guess)
+        return guess
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = data_dir()
+    if d is None:
+        pytest.skip("LLMPRUNE_DATA_DIR not set (point it at the shared WikiText-2 / C4 data)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shared_data):
+    """A byte-level BPE with 512 tokens, trained on WikiText-2 valid (about a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text().splitlines()[:2000]
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_config(family: str = "llama", layers: int = 2, hidden: int = 64, inter: int = 128):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        family, vocab_size=512, hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False,
+    )
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
+    # Spread the weights a little so that pruning visibly changes outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """A saved tiny model directory per family, loadable by ``load_model``."""
+    out = {}
+    for fam in FAMILIES:
+        d = tmp_path_factory.mktemp(f"tiny-{fam}")
+        tiny_model(fam).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[fam] = d
+    return out
