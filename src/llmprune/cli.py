@@ -27,6 +27,15 @@ def _prune_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
     p.add_argument("--blocksize", type=int, help="SparseGPT block size (default 128)")
     p.add_argument("--percdamp", type=float, help="SparseGPT damping, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--allocation", help="layer-wise sparsity: uniform (default) | owl | explicit")
+    p.add_argument("--owl-m", dest="owl_m", type=float, help="OWL outlier threshold M (default 5)")
+    p.add_argument("--owl-lambda", dest="owl_lambda", type=float, help="OWL ratio spread lambda (default 0.08)")
+    p.add_argument("--layer-ratios", dest="layer_ratios", type=lambda s: [float(x) for x in s.split(",")],
+                   help="explicit per-layer sparsity, comma-separated (with --allocation explicit)")
+    p.add_argument("--admm-iters", dest="admm_iters", type=int, help="ADMM iterations k (default 20)")
+    p.add_argument("--admm-ks", dest="admm_ks", type=int, help="ADMM-Grad sparsification steps (default 15)")
+    p.add_argument("--admm-rho", dest="admm_rho", type=float, help="ADMM penalty rho (default 1)")
+    p.add_argument("--admm-damp", dest="admm_damp", type=float, help="ADMM dampening, x mean diag(XᵀX) (default 0.1)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (one layer at a time goes there)")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--ppl", type=lambda s: [x for x in s.split(",") if x],

@@ -28,6 +28,16 @@ class PruneConfig:
     seed: int = 0
     blocksize: int = 128
     percdamp: float = 0.01
+    # layer-wise allocation of the target (issue: OWL)
+    allocation: str = "uniform"  # uniform | owl | explicit
+    owl_m: float = 5.0  # outlier threshold: score > M x layer mean
+    owl_lambda: float = 0.08  # ratios stay within [S - lambda, S + lambda]
+    layer_ratios: list[float] | dict[int, float] | None = None  # explicit per-layer sparsity
+    # ADMM solver / ADMM gradual pruning (issue: ADMM)
+    admm_iters: int = 20
+    admm_ks: int = 15
+    admm_rho: float = 1.0
+    admm_damp: float = 0.1
     device: str = "auto"
     dtype: str = "auto"
     ppl: list[str] = field(default_factory=list)  # measure these perplexities before and after

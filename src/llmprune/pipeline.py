@@ -50,6 +50,11 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def method_options(config: PruneConfig) -> dict:
+    """Settings only some methods / solvers read, passed through the engine untouched."""
+    return {k: getattr(config, k) for k in ("admm_iters", "admm_ks", "admm_rho", "admm_damp")}
+
+
 def check_model_fits(model: nn.Module, config: PruneConfig) -> None:
     """Shape checks that need the model but no data: context length and N:M divisibility."""
     ctx = context_length(model)
@@ -109,7 +114,7 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
 
     layers = decoder_layers(model)
     plan = LayerPlan(config.method, [config.target] * len(layers), config.solver,
-                     config.blocksize, config.percdamp)
+                     config.blocksize, config.percdamp, options=method_options(config))
     t0 = time.perf_counter()
     layer_report = run_sequential(model, ids, plan, device, progress)
     timings["prune_s"] = time.perf_counter() - t0

@@ -60,7 +60,8 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
             target.check_shape(W.shape[1], n)
         t0 = time.perf_counter()
         results = prune_weight(plan.method, Ws, stats.get(leader) if stats else {}, target,
-                               solver=plan.solver, blocksize=plan.blocksize, percdamp=plan.percdamp)
+                               solver=plan.solver, blocksize=plan.blocksize, percdamp=plan.percdamp,
+                               **plan.options)
         dt = time.perf_counter() - t0
         for n, W, (W_new, keep) in zip(names, Ws, results, strict=True):
             if not torch.isfinite(W_new).all():

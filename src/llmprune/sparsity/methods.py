@@ -69,10 +69,12 @@ def prune_weight(
     solver: str | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    **options,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Prune a group of weight matrices that share one input; returns ``[(W_new, keep), ...]``.
 
-    ``W_new`` is fp32 and exactly zero where ``keep`` is False.
+    ``W_new`` is fp32 and exactly zero where ``keep`` is False. ``options`` carry
+    method/solver-specific settings (e.g. ``admm_iters``) through to the solver.
     """
     m = METHODS[method]
     solver = solver or m.default_solver
@@ -89,10 +91,10 @@ def prune_weight(
         if solver == "none":
             W_new = W * keep
         elif solver != "sparsegpt":
-            W_new = solve(solver, W, keep, stats, blocksize=blocksize, percdamp=percdamp)
+            W_new = solve(solver, W, keep, stats, blocksize=blocksize, percdamp=percdamp, **options)
     else:
         keep = torch.cat([apply_target(m.score(W[s], stats), target, per=m.per) for s in slices])
-        W_new = solve(solver, W, keep, stats, blocksize=blocksize, percdamp=percdamp)
+        W_new = solve(solver, W, keep, stats, blocksize=blocksize, percdamp=percdamp, **options)
     return [(W_new[s], keep[s]) for s in slices]
 
 
