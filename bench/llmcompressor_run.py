@@ -38,9 +38,13 @@ How llm-compressor is configured:
   input dim) maps to llm-compressor's ``mask_structure`` convention
   (``"n:m"`` = n *pruned* of every m): ``mask_structure=f"{M-N}:{M}"``,
   ``sparsity=(M-N)/M``; for 2:4 both conventions give ``"2:4"``, 0.5.
-  Calibration uses the default ``"sequential"`` pipeline (traced per
-  ``LlamaDecoderLayer``, with error propagation), which is what ``oneshot``
-  infers for these modifiers.
+  Calibration uses the ``"sequential"`` pipeline (traced per
+  ``LlamaDecoderLayer``, with error propagation: each layer is pruned, then
+  the calibration data is re-propagated through the pruned layer), which is
+  what ``oneshot``'s default ``"independent"`` pipeline picks for these
+  modifiers; it runs fine on CPU. For N:M runs the json also has
+  ``nm_violations``: groups of M input-dim weights with more than N nonzeros
+  (0 means the pattern holds everywhere).
 * magnitude: ``MagnitudePruningModifier`` is a training-time (scheduled)
   modifier. Under ``oneshot`` it only builds the masks: weights are masked on
   ``OPTIM_POST_STEP`` events (never sent by ``oneshot``) or by forward hooks
@@ -55,7 +59,7 @@ The calibration windows are given to ``oneshot`` as a pre-tokenized
 ``shuffle_calibration_samples=False`` and ``batch_size=1``, so nothing is
 re-tokenized, truncated or sampled. (With equal lengths llm-compressor's
 length-sorted sampler may visit the windows in a different order; Wanda and
-SparseGPT statistics are order-independent sums.)
+SparseGPT statistics are sums, order-independent up to float rounding.)
 """
 
 from __future__ import annotations
