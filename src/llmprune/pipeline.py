@@ -55,10 +55,13 @@ def method_options(config: PruneConfig) -> dict:
     return {k: getattr(config, k) for k in ("admm_iters", "admm_ks", "admm_rho", "admm_damp")}
 
 
-def check_model_fits(model: nn.Module, config: PruneConfig) -> None:
+def check_model_fits(model: nn.Module, config: PruneConfig, needs_data: bool) -> None:
     """Shape checks that need the model but no data: context length and N:M divisibility."""
     ctx = context_length(model)
-    for name, n in (("seqlen", config.seqlen), ("ppl_seqlen", config.ppl_seqlen)):
+    lengths = [("seqlen", config.seqlen)] if needs_data else []
+    if config.ppl:
+        lengths.append(("ppl_seqlen", config.ppl_seqlen or config.seqlen))
+    for name, n in lengths:
         if n is not None and ctx is not None and n > ctx:
             raise LLMPruneError(f"{name} {n} is longer than the model's context ({ctx} tokens); use --{name.replace('_', '-')} ≤ {ctx}")
     target = config.target
@@ -96,7 +99,7 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
     elif tokenizer is None and (needs_data or config.ppl):
         raise LLMPruneError("pass tokenizer= along with a loaded model")
     timings["load_s"] = time.perf_counter() - t0
-    check_model_fits(model, config)
+    check_model_fits(model, config, needs_data)
     ppl_seqlen = config.ppl_seqlen or config.seqlen
 
     ppl_before = {}
