@@ -147,9 +147,9 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
         raise LLMPruneError("pass tokenizer= along with a loaded model")
     timings["load_s"] = time.perf_counter() - t0
     check_model_fits(model, config)
-    layers = decoder_layers(model)
-    targets = fixed_targets(config, len(layers))
     ppl_seqlen = config.ppl_seqlen or config.seqlen
+    layers = decoder_layers(model)
+    targets = fixed_targets(config, len(layers))  # explicit: the list must match the layers
 
     ppl_before = {}
     if config.ppl:
