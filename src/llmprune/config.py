@@ -9,8 +9,11 @@ from pathlib import Path
 import yaml
 
 from llmprune.errors import LLMPruneError
+from llmprune.sparsity.allocation import check_layer_ratios, check_owl_bounds
 from llmprune.sparsity.methods import METHODS, SOLVERS
 from llmprune.sparsity.patterns import Target
+
+ALLOCATIONS = ("uniform", "owl", "explicit")
 
 
 @dataclass
@@ -52,7 +55,13 @@ class PruneConfig:
 
     @property
     def target(self) -> Target:
+        """The global target; every layer's with ``uniform``, the mean to keep with ``owl``."""
         return Target.parse(self.pattern, None if self.is_nm else self.sparsity)
+
+    @property
+    def has_target(self) -> bool:
+        """False only for an explicit allocation that lists every layer and no global target."""
+        return self.is_nm or self.sparsity is not None
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -69,10 +78,14 @@ class PruneConfig:
             raise LLMPruneError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
         if self.sparsity is not None and (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float)):
             raise LLMPruneError(f"sparsity must be a number in [0, 1), not {self.sparsity!r}")
-        target = self.target  # parses pattern / sparsity and raises on bad values
-        if self.is_nm and self.sparsity is not None and abs(target.sparsity - self.sparsity) > 1e-9:
-            raise LLMPruneError(f"--pattern {self.pattern} means sparsity {target.sparsity:g}, "
-                                f"but --sparsity {self.sparsity} was also given; drop one")
+        self._validate_allocation()
+        if self.has_target or self.allocation != "explicit":
+            target = self.target  # parses pattern / sparsity and raises on bad values
+            if self.is_nm and self.sparsity is not None and abs(target.sparsity - self.sparsity) > 1e-9:
+                raise LLMPruneError(f"--pattern {self.pattern} means sparsity {target.sparsity:g}, "
+                                    f"but --sparsity {self.sparsity} was also given; drop one")
+            if self.allocation == "owl":
+                check_owl_bounds(target.sparsity, self.owl_lambda)
         for name in ("nsamples", "seqlen", "blocksize"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -88,6 +101,30 @@ class PruneConfig:
             if out.exists() and (not out.is_dir() or any(out.iterdir())) and not self.overwrite:
                 raise LLMPruneError(f"output {out} exists and is not empty; pass --overwrite or choose another --out")
         return self
+
+    def _validate_allocation(self) -> None:
+        """``allocation``, OWL's M and λ, and explicit ``layer_ratios`` (their count against the
+        model's layers is checked once the model is loaded, before any calibration)."""
+        if self.allocation not in ALLOCATIONS:
+            raise LLMPruneError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+        for name in ("owl_m", "owl_lambda"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise LLMPruneError(f"{name} must be a number, got {v!r}")
+        if not self.owl_m > 0:
+            raise LLMPruneError(f"owl_m must be > 0 (outliers are scores above M x the layer mean), got {self.owl_m}")
+        if not self.owl_lambda >= 0:
+            raise LLMPruneError(f"owl_lambda must be ≥ 0 (layer sparsities stay within S ± lambda), got {self.owl_lambda}")
+        if self.allocation == "explicit":
+            if self.layer_ratios is None:
+                raise LLMPruneError("--allocation explicit needs --layer-ratios (one sparsity per layer)")
+            m = self.target.m if self.is_nm else None
+            check_layer_ratios(self.layer_ratios, m=m)
+            if isinstance(self.layer_ratios, dict) and not self.has_target:
+                raise LLMPruneError("layer_ratios as a map sets only some layers; give --sparsity for "
+                                    "the others (or --pattern N:M)")
+        elif self.layer_ratios is not None:
+            raise LLMPruneError(f"--layer-ratios is only used with --allocation explicit (not {self.allocation})")
 
     # --- YAML recipes -------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -41,16 +42,87 @@ def summary(report: dict) -> str:
         "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()),
         f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}",
     ]
+    alloc = format_allocation(report.get("allocation"))
+    if alloc:
+        lines.insert(2, alloc)
     lines += format_ppl(report.get("ppl", {}))
     return "\n".join(lines)
 
 
+def format_allocation(alloc: dict | None) -> str | None:
+    """One line on the layer-wise allocation: its kind, the spread and the weighted mean."""
+    if not alloc:
+        return None
+    kind = alloc["kind"]
+    ratios = alloc.get("ratios") or []
+    line = f"allocation {kind}"
+    if kind == "owl":
+        line += f" (M={alloc['owl_m']:g}, lambda={alloc['owl_lambda']:g}, dense statistics)"
+    if ratios and kind != "uniform":
+        targets = alloc.get("targets") or []
+        if targets and ":" in targets[0]:
+            ns = sorted(set(targets), key=lambda t: int(t.split(":")[0]))
+            line += f": layers {ns[0]}..{ns[-1]}"
+        else:
+            line += f": layer sparsity {min(ratios):.4f}..{max(ratios):.4f}"
+        if alloc.get("weighted_mean") is not None:
+            line += f", parameter-weighted mean {alloc['weighted_mean']:.6f}"
+    lod = alloc.get("outlier_ratios")
+    if lod:
+        line += f"; outlier ratio {100 * min(lod):.2f}%..{100 * max(lod):.2f}%"
+    return line
+
+
+def allocation_plot(alloc: dict, title: str = "") -> bytes | None:
+    """PNG of the per-layer sparsity (and OWL's outlier ratio) across depth, like the OWL
+    paper's figure; None when matplotlib is not installed (it is an optional dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed; safe on servers
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ratios = alloc["ratios"]
+    x = list(range(len(ratios)))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(x, ratios, "o-", color="tab:blue", label="layer sparsity")
+    if alloc.get("weighted_mean") is not None:
+        ax.axhline(alloc["weighted_mean"], color="tab:blue", ls=":", lw=1, label="weighted mean")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("sparsity", color="tab:blue")
+    handles, labels = ax.get_legend_handles_labels()
+    lod = alloc.get("outlier_ratios")
+    if lod:
+        ax2 = ax.twinx()
+        ax2.plot(x, [100 * v for v in lod], "s--", color="tab:red", ms=4, label="outlier ratio (LOD)")
+        ax2.set_ylabel("outlier ratio (%)", color="tab:red")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    head = f"{alloc['kind']} allocation"
+    if alloc["kind"] == "owl":
+        head += f" (M={alloc['owl_m']:g}, λ={alloc['owl_lambda']:g})"
+    ax.set_title(f"{title} {head}".strip(), fontsize=10)
+    # below the axes, so it never hides a layer's point
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3,
+              frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def layer_table(report: dict) -> str:
-    """Per-layer table: target, achieved sparsity of each linear, seconds."""
+    """Per-layer table: target, OWL outlier ratio if any, achieved sparsity of each linear, seconds."""
     names = list(report["layers"][0]["linears"]) if report["layers"] else []
-    head = f"{'layer':>5} {'target':>7} " + " ".join(f"{n.split('.')[-1]:>9}" for n in names) + f" {'sec':>6}"
+    lod = bool(report["layers"]) and "outlier_ratio" in report["layers"][0]
+    head = (f"{'layer':>5} {'target':>7} " + (f"{'outlier%':>8} " if lod else "")
+            + " ".join(f"{n.split('.')[-1]:>9}" for n in names) + f" {'sec':>6}")
     rows = [head]
     for L in report["layers"]:
         cells = " ".join(f"{L['linears'][n]['sparsity']:>9.4f}" for n in names)
-        rows.append(f"{L['index']:>5} {L['target']:>7} {cells} {L['seconds']:>6.1f}")
+        target = L["target"] if ":" in L["target"] else f"{float(L['target']):.4f}"
+        extra = f"{100 * L['outlier_ratio']:>8.3f} " if lod else ""
+        rows.append(f"{L['index']:>5} {target:>7} {extra}{cells} {L['seconds']:>6.1f}")
     return "\n".join(rows)

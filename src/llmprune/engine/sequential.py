@@ -3,6 +3,15 @@
 For each layer: run the calibration inputs through it with hooks that gather the statistics
 the method needs (on the *dense* layer, as SparseGPT and Wanda do), prune every linear, then
 run the inputs again through the *pruned* layer; those outputs are the next layer's inputs.
+
+Allocation slot: when the per-layer targets depend on every layer (OWL), the plan carries an
+*allocator* instead of fixed targets. Before the first layer is pruned the engine makes one
+statistics-only pass over the *dense* model (one forward per layer, the same hooks and
+accumulators as the pruning pass, nothing pruned, dense outputs propagated), lets the allocator
+reduce each layer to a number, and asks it for the targets. Why dense: the targets of layer 0
+must be known before anything is pruned, so statistics of the progressively pruned model would
+need the very allocation they are meant to produce; the OWL paper also measures the outlier
+distribution of the pretrained model (see docs/owl.md).
 """
 
 from __future__ import annotations
@@ -17,20 +26,26 @@ from tqdm.auto import tqdm
 from llmprune.engine.capture import capture_layer_inputs, layer_output
 from llmprune.engine.stats import LayerStats
 from llmprune.models.layers import decoder_layers, linear_layers
+from llmprune.sparsity.allocation import Allocator
 from llmprune.sparsity.methods import prune_weight, required_stats
 from llmprune.sparsity.patterns import Target
 
 
 @dataclass
 class LayerPlan:
-    """What to do with each decoder layer: the method, solver and per-layer target."""
+    """What to do with each decoder layer: the method, solver and per-layer targets.
+
+    Give ``targets`` (one per layer, fixed up front: uniform, explicit) or an ``allocator``
+    that computes them from a dense statistics pass (OWL); not both.
+    """
 
     method: str
-    targets: list[Target]
+    targets: list[Target] | None = None
     solver: str | None = None
     blocksize: int = 128
     percdamp: float = 0.01
     options: dict = field(default_factory=dict)
+    allocator: Allocator | None = None
 
 
 @torch.no_grad()
@@ -72,16 +87,68 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
     return report
 
 
+def layer_params(layer: nn.Module) -> int:
+    """Prunable parameters of one decoder layer: the weights of its linears."""
+    return sum(lin.weight.numel() for lin in linear_layers(layer).values())
+
+
+@torch.no_grad()
+def measure_layers(model: nn.Module, ids: torch.Tensor, allocator: Allocator,
+                   device: str | torch.device = "cpu", progress: bool = True) -> tuple[list[float], list[float]]:
+    """The allocator's dense pass: ``allocator.measure`` of every layer, nothing pruned.
+
+    One forward per layer: the hooks collect ``allocator.needs`` while the same forward
+    produces the dense outputs that feed the next layer. Returns the measures and the seconds
+    spent per layer.
+    """
+    layers = decoder_layers(model)
+    inps, kwargs = capture_layer_inputs(model, layers[0], ids, device)
+    outs = torch.empty_like(inps)
+    measures, seconds = [], []
+    bar = tqdm(list(enumerate(layers)), desc="allocation (dense pass)", unit="layer", disable=not progress)
+    for i, layer in bar:
+        t0 = time.perf_counter()
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = linear_layers(layer)
+        stats = LayerStats(linears, allocator.needs)
+        last = i + 1 == len(layers)
+        run_layer(layer, inps, kwargs, None if last else outs, stats)
+        stats.remove()
+        missing = sorted(set(linears) - set(stats.owner))
+        if missing:
+            raise RuntimeError(f"layer {i}: linears {missing} saw no calibration input")
+        measures.append(float(allocator.measure({n: lin.weight for n, lin in linears.items()},
+                                                stats.per_linear())))
+        del stats
+        layer.to(home)
+        inps, outs = outs, inps
+        seconds.append(time.perf_counter() - t0)
+    return measures, seconds
+
+
 def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
                    device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
     """Prune ``model`` in place, layer by layer; returns one report entry per decoder layer.
 
     ``ids`` are the ``(nsamples, seqlen)`` calibration windows; methods that need no
-    statistics (magnitude) skip the data entirely.
+    statistics (magnitude) skip the data entirely unless the plan's allocator needs it.
+    Each entry has the layer's ``target`` and ``target_sparsity``; with an allocator also its
+    measure (e.g. ``outlier_ratio``) and the dense pass's ``allocation_seconds``.
     """
     layers = decoder_layers(model)
-    if len(plan.targets) != len(layers):
-        raise ValueError(f"plan has {len(plan.targets)} targets for {len(layers)} layers")
+    targets, measures, measure_s = plan.targets, None, None
+    if plan.allocator is not None:
+        if targets is not None:
+            raise ValueError("give the plan fixed targets or an allocator, not both")
+        if ids is None:
+            raise ValueError("the allocator needs calibration ids")
+        measures, measure_s = measure_layers(model, ids, plan.allocator, device, progress)
+        targets = plan.allocator.allocate(measures, [layer_params(layer) for layer in layers])
+    if targets is None:
+        raise ValueError("plan has neither targets nor an allocator")
+    if len(targets) != len(layers):
+        raise ValueError(f"plan has {len(targets)} targets for {len(layers)} layers")
     needs = required_stats(plan.method, plan.solver)
     inps = kwargs = outs = None
     if needs:
@@ -98,13 +165,18 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
             stats = LayerStats(linear_layers(layer), needs)
             run_layer(layer, inps, kwargs, None, stats)
             stats.remove()
-        linears = prune_layer(layer, plan, plan.targets[i], stats)
+        linears = prune_layer(layer, plan, targets[i], stats)
         del stats
         if needs and i + 1 < len(layers):
             run_layer(layer, inps, kwargs, outs)
             inps, outs = outs, inps
         layer.to(home)
         dt = time.perf_counter() - t0
-        report.append({"index": i, "target": str(plan.targets[i]), "seconds": dt, "linears": linears})
+        entry = {"index": i, "target": str(targets[i]), "target_sparsity": targets[i].sparsity,
+                 "seconds": dt, "linears": linears}
+        if measures is not None:
+            entry[plan.allocator.measure_name] = measures[i]
+            entry["allocation_seconds"] = measure_s[i]
+        report.append(entry)
         bar.set_postfix(sec=f"{dt:.1f}")
     return report

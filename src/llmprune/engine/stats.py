@@ -74,3 +74,7 @@ class LayerStats:
         elif leader in self.col_sq:
             s["col_sq"] = self.col_sq[leader]
         return s
+
+    def per_linear(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every hooked linear's statistics (those of the input it shares with its leader)."""
+        return {name: self.get(owner) for name, owner in self.owner.items()}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 REPORT_FILE = "pruning.json"
 RECIPE_FILE = "recipe.yaml"
+ALLOCATION_PLOT = "allocation.png"
 
 
 @contextlib.contextmanager
@@ -41,13 +42,18 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def save_pruned(model, tokenizer, out: str | Path, report: dict, recipe_yaml: str | None = None,
-                overwrite: bool = False) -> Path:
-    """Write safetensors + config + tokenizer + ``pruning.json`` (+ ``recipe.yaml``) to ``out``."""
+                overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write safetensors + config + tokenizer + ``pruning.json`` (+ ``recipe.yaml``) to ``out``.
+
+    ``extra_files`` (name → bytes, e.g. the allocation plot) land in the same atomic write.
+    """
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if recipe_yaml is not None:
             (tmp / RECIPE_FILE).write_text(recipe_yaml)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         write_json(tmp / REPORT_FILE, report)
     return Path(out)

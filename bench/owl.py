@@ -1,0 +1,237 @@
+"""OWL benchmark (issue #4): uniform vs OWL layer-wise sparsity on the bundled SmolLM2-135M.
+
+Protocol: calibration 32 x 1024 C4 tokens, seed 0 (drawn once, shared by every run);
+WikiText-2 test perplexity at seqlen 1024 on the first 40 windows. Table at 50/60/70/80%
+unstructured and 5:8 (uniform 5:8 vs OWL mixed N:8 with mean N = 5), uniform vs OWL
+(M = 5, λ = 0.08) for wanda, sparsegpt and magnitude, plus the dense model; then a sweep
+M ∈ {3, 5, 7} x λ ∈ {0.04, 0.08, 0.12} at 70% for Wanda.
+
+    PYTHONPATH=src python bench/owl.py                      # everything (about an hour on CPU)
+    PYTHONPATH=src python bench/owl.py --methods wanda --sparsities 0.7 --no-sweep
+
+Every finished run is merged into ``bench/out/owl.json`` at once (keyed by its settings), so
+an interrupted or partial invocation keeps what it did and a later one adds to it; the
+Markdown tables (``bench/out/owl.md``, also printed) are built from everything in the JSON
+that matches the current protocol (model, nsamples, seqlen, windows, seed, dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from llmprune import PruneConfig, load_model, prune  # noqa: E402
+from llmprune.data.calibration import calibration_windows  # noqa: E402
+from llmprune.data.sources import load_corpus  # noqa: E402
+from llmprune.data.tokens import eval_token_stream  # noqa: E402
+from llmprune.eval.perplexity import perplexity  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+METHODS = ("wanda", "sparsegpt", "magnitude")
+SPARSITIES = ("0.5", "0.6", "0.7", "0.8", "5:8")
+SWEEP_M = (3.0, 5.0, 7.0)
+SWEEP_LAMBDA = (0.04, 0.08, 0.12)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--sparsities", default=",".join(SPARSITIES),
+                   help="comma-separated unstructured ratios and/or N:M patterns (default %(default)s)")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the M x λ sweep (wanda, --sweep-sparsity)")
+    p.add_argument("--sweep-sparsity", type=float, default=0.7)
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL M for the main table")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL λ for the main table (N:M too)")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=1024, help="calibration and evaluation window")
+    p.add_argument("--max-windows", type=int, default=40, help="first K WikiText-2 test windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
+    return p.parse_args(argv)
+
+
+def run_key(method: str, target: str, allocation: str, m: float | None, lam: float | None) -> str:
+    return f"{method}|{target}|{allocation}" + (f"|M={m:g}|lambda={lam:g}" if allocation == "owl" else "")
+
+
+class Bench:
+    """The dense model and its weights, the shared calibration ids and evaluation stream."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = PruneConfig(device=args.device).resolved_device()
+        t0 = time.perf_counter()
+        self.model, self.tok = load_model(args.model, device=self.device, dtype=args.dtype)
+        # The whole 135M model fits on any device: keep it there, the engine then moves nothing.
+        self.model.to(self.device)
+        self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        # A CPU copy of the dense weights: load_state_dict per run is much faster than reloading.
+        self.dense = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        print(f"loaded {args.model} ({self.dtype}) on {self.device} in {time.perf_counter() - t0:.1f}s",
+              flush=True)
+        t0 = time.perf_counter()
+        self.calib = calibration_windows(load_corpus("c4", "train"), self.tok, args.nsamples, args.seqlen, args.seed)
+        self.eval_ids = eval_token_stream(load_corpus("wikitext2", "test"), self.tok, args.seqlen)
+        print(f"calibration {tuple(self.calib.shape)} and evaluation stream {self.eval_ids.shape[1]} tokens "
+              f"in {time.perf_counter() - t0:.1f}s", flush=True)
+        self.protocol = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                         "max_windows": args.max_windows, "seed": args.seed, "dtype": self.dtype,
+                         "calib": "c4", "eval": "wikitext2 test"}
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.dense)
+
+    def ppl(self) -> float:
+        return perplexity(self.model, self.eval_ids, self.args.seqlen, self.args.max_windows, progress=False)["ppl"]
+
+    def run(self, method: str, target: str, allocation: str, m: float | None = None,
+            lam: float | None = None) -> dict:
+        self.reset()
+        cfg = PruneConfig(model=self.args.model, method=method, allocation=allocation,
+                          nsamples=self.args.nsamples, seqlen=self.args.seqlen, seed=self.args.seed,
+                          device=self.device, calib="c4")
+        if ":" in target:
+            cfg.pattern = target
+        else:
+            cfg.sparsity = float(target)
+        if allocation == "owl":
+            cfg.owl_m, cfg.owl_lambda = m, lam
+        t0 = time.perf_counter()
+        rep = prune(self.model, cfg, tokenizer=self.tok, calib_ids=self.calib, progress=False).report
+        prune_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ppl = self.ppl()
+        alloc = rep["allocation"]
+        return {"method": method, "target": target, "allocation": allocation, "owl_m": m, "owl_lambda": lam,
+                "ppl": ppl, "sparsity": rep["sparsity"], "prune_s": prune_s,
+                "ppl_s": time.perf_counter() - t0, "layer_targets": alloc["targets"],
+                "layer_ratios": alloc["ratios"], "outlier_ratios": alloc.get("outlier_ratios"),
+                "weighted_mean": alloc["weighted_mean"], "protocol": self.protocol}
+
+
+def load_results(path: Path, fresh: bool) -> dict:
+    if fresh or not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get("runs", {})
+
+
+def save_results(path: Path, runs: dict, protocol: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"protocol": protocol, "runs": runs}, indent=1) + "\n")
+    os.replace(tmp, path)  # never leave a half-written JSON behind
+
+
+def fmt(r: dict | None) -> str:
+    return "-" if r is None else f"{r['ppl']:.2f}"
+
+
+def tables(runs: dict, protocol: dict, args: argparse.Namespace) -> str:
+    """The main table (methods x targets, uniform vs OWL) and the M x λ sweep, as Markdown."""
+    same = {k: r for k, r in runs.items() if r.get("protocol") == protocol}
+    targets = [t for t in SPARSITIES if any(r["target"] == t for r in same.values())]
+    targets += sorted({r["target"] for r in same.values() if r["target"] not in SPARSITIES and r["target"] != "dense"})
+    m, lam = args.owl_m, args.owl_lambda
+    lines = [f"WikiText-2 test PPL ({protocol['model']}, {protocol['dtype']}, seqlen {protocol['seqlen']}, "
+             f"first {protocol['max_windows']} windows; calibration {protocol['nsamples']} x "
+             f"{protocol['seqlen']} C4 tokens, seed {protocol['seed']}; OWL M={m:g}, λ={lam:g}; "
+             "N:M = mixed N:M with the same mean N under OWL)", ""]
+    head = "| method | allocation | " + " | ".join(f"{float(t):.0%}" if ":" not in t else t for t in targets) + " |"
+    lines += [head, "|---|---|" + "---:|" * len(targets)]
+    dense = same.get("dense")
+    if dense:
+        lines.append("| dense | - | " + " | ".join(fmt(dense) for _ in targets) + " |")
+    for method in METHODS:
+        for alloc in ("uniform", "owl"):
+            cells = [fmt(same.get(run_key(method, t, alloc, m, lam))) for t in targets]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {method} | {'OWL' if alloc == 'owl' else 'uniform'} | " + " | ".join(cells) + " |")
+    t = f"{args.sweep_sparsity:g}"
+    sweep = [run_key("wanda", t, "owl", sm, sl) for sm in SWEEP_M for sl in SWEEP_LAMBDA]
+    if sum(k in same for k in sweep) > 1:  # more than the main table's own cell
+        base = same.get(run_key("wanda", t, "uniform", None, None))
+        lines += ["", f"Wanda at {float(t):.0%}: OWL sweep (uniform: {fmt(base)})", "",
+                  "| M \\ λ | " + " | ".join(f"{sl:g}" for sl in SWEEP_LAMBDA) + " |",
+                  "|---|" + "---:|" * len(SWEEP_LAMBDA)]
+        for sm in SWEEP_M:
+            lines.append(f"| {sm:g} | " + " | ".join(fmt(same.get(run_key("wanda", t, "owl", sm, sl)))
+                                                      for sl in SWEEP_LAMBDA) + " |")
+    nm = [r for r in same.values() if r["allocation"] == "owl" and ":" in r["target"]]
+    if nm:
+        lines += ["", "OWL mixed N:M, layers per N:"]
+        for r in nm:
+            counts: dict[str, int] = {}
+            for x in r["layer_targets"]:
+                counts[x] = counts.get(x, 0) + 1
+            lines.append(f"- {r['method']} {r['target']}: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    methods = [x for x in args.methods.split(",") if x]
+    bad = sorted(set(methods) - set(METHODS))
+    if bad:
+        sys.exit(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    targets = [x.strip() for x in args.sparsities.split(",") if x.strip()]
+    bench = Bench(args)
+    path = args.out / "owl.json"
+    runs = load_results(path, args.fresh)
+
+    plan: list[tuple[str, str, str, float | None, float | None]] = []
+    for method in methods:
+        for t in targets:
+            plan.append((method, t, "uniform", None, None))
+            plan.append((method, t, "owl", args.owl_m, args.owl_lambda))
+    if args.sweep:
+        t = f"{args.sweep_sparsity:g}"
+        plan.append(("wanda", t, "uniform", None, None))
+        plan += [("wanda", t, "owl", sm, sl) for sm in SWEEP_M for sl in SWEEP_LAMBDA]
+
+    if runs.get("dense", {}).get("protocol") != bench.protocol:
+        t0 = time.perf_counter()
+        bench.reset()
+        runs["dense"] = {"method": "dense", "target": "dense", "allocation": "-", "ppl": bench.ppl(),
+                         "sparsity": 0.0, "ppl_s": time.perf_counter() - t0, "protocol": bench.protocol}
+        save_results(path, runs, bench.protocol)
+    print(f"dense: PPL {runs['dense']['ppl']:.3f}", flush=True)
+    done = set()
+    for method, t, alloc, m, lam in plan:
+        key = run_key(method, t, alloc, m, lam)
+        if key in done:
+            continue
+        done.add(key)
+        r = bench.run(method, t, alloc, m, lam)
+        runs[key] = r
+        save_results(path, runs, bench.protocol)
+        if ":" in t:
+            ns = sorted(r["layer_targets"], key=lambda x: int(x.split(":")[0]))
+            spread = f" layers {ns[0]}..{ns[-1]}"
+        else:
+            spread = f" layers {min(r['layer_ratios']):.4f}..{max(r['layer_ratios']):.4f}"
+        print(f"{key}: PPL {r['ppl']:.3f} sparsity {r['sparsity']:.4f}{spread} "
+              f"(prune {r['prune_s']:.1f}s, ppl {r['ppl_s']:.1f}s)", flush=True)
+
+    md = tables(runs, bench.protocol, args)
+    (args.out / "owl.md").write_text(md + "\n")
+    print()
+    print(md)
+    print(f"\nwrote {path} and {args.out / 'owl.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
