@@ -48,16 +48,24 @@ class LayerPlan:
     allocator: Allocator | None = None
 
 
+# Calibration rows run through a layer together: batches of 8 x 1024 tokens make the CPU
+# matmuls ~2.5x faster than one row at a time, for ~100 MB of activations.
+BATCH_SIZE = 8
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Tensor | None,
-              stats: LayerStats | None = None) -> None:
-    """Run every calibration row through ``layer``; write outputs into ``outs`` if given."""
-    for j in range(inps.shape[0]):
+              stats: LayerStats | None = None, batch_size: int = BATCH_SIZE) -> None:
+    """Run every calibration row through ``layer``; write outputs into ``outs`` if given.
+
+    The captured keyword arguments (rotary embeddings, masks) have batch size 1 and broadcast.
+    """
+    for j in range(0, inps.shape[0], batch_size):
         if stats is not None:
             stats.next_sample()
-        y = layer_output(layer(inps[j : j + 1], **kwargs))
+        y = layer_output(layer(inps[j : j + batch_size], **kwargs))
         if outs is not None:
-            outs[j : j + 1] = y
+            outs[j : j + batch_size] = y
 
 
 @torch.no_grad()

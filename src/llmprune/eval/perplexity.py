@@ -19,7 +19,7 @@ EVAL_SPLIT = {"wikitext2": "test", "c4": "validation"}
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-               progress: bool = True, desc: str = "ppl") -> dict:
+               progress: bool = True, desc: str = "ppl", batch_size: int = 4) -> dict:
     """PPL of ``model`` on ``ids (1, T)`` cut into ``T // seqlen`` windows (or the first K)."""
     n = ids.shape[1] // seqlen
     if max_windows is not None:
@@ -27,12 +27,16 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
     if n < 1:
         raise LLMPruneError(f"only {ids.shape[1]} evaluation tokens, fewer than seqlen {seqlen}")
     device = model.get_input_embeddings().weight.device
+    windows = ids[:, : n * seqlen].reshape(n, seqlen)
     nll = 0.0
-    for i in tqdm(range(n), desc=desc, unit="win", disable=not progress):
-        batch = ids[:, i * seqlen : (i + 1) * seqlen].to(device)
+    bar = tqdm(total=n, desc=desc, unit="win", disable=not progress)
+    for i in range(0, n, batch_size):
+        batch = windows[i : i + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        nll += loss.item()
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        nll += loss.mean(dim=1).sum().item()  # mean NLL per window, as the papers average
+        bar.update(batch.shape[0])
+    bar.close()
     ppl = math.exp(nll / n)
     if not math.isfinite(ppl):
         ppl = float("inf")
