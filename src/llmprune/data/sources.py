@@ -127,11 +127,13 @@ def _label(name: str, split: str, corpus: Corpus) -> str:
 
 
 def check_available(name_or_path: str, split: str) -> None:
-    """Fail fast, before the model loads, when a corpus cannot be found locally or offline."""
+    """Fail fast, before the model loads, when a corpus is neither local nor on the hub.
+
+    A corpus that is not on disk is fetched here (``datasets`` caches it for the real use).
+    """
     if name_or_path not in NAMES:
         if not Path(name_or_path).expanduser().is_file():
             raise LLMPruneError(f"data file {name_or_path!r} does not exist (and is not one of {', '.join(NAMES)})")
         return
-    path, cands = local_path(name_or_path, split)
-    if path is None and os.environ.get("HF_HUB_OFFLINE") == "1" or (path is None and os.environ.get("HF_DATASETS_OFFLINE") == "1"):
-        load_corpus(name_or_path, split)  # raises the full message
+    if local_path(name_or_path, split)[0] is None:
+        load_corpus(name_or_path, split)  # from the hub, or the full "where I looked" message
