@@ -82,7 +82,7 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
     if isinstance(model, str):
         config.model = model
     config.validate()
-    needs_data = bool(required_stats(config.method, config.solver))
+    needs_data = bool(required_stats(config.method, config.solver, config.recon_error))
     if needs_data:
         check_available(config.calib, "train")
     check_eval_data(config.ppl)
@@ -114,7 +114,8 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
 
     layers = decoder_layers(model)
     plan = LayerPlan(config.method, [config.target] * len(layers), config.solver,
-                     config.blocksize, config.percdamp, options=method_options(config))
+                     config.blocksize, config.percdamp, options=method_options(config),
+                     recon_error=config.recon_error)
     t0 = time.perf_counter()
     layer_report = run_sequential(model, ids, plan, device, progress)
     timings["prune_s"] = time.perf_counter() - t0

@@ -41,16 +41,39 @@ def summary(report: dict) -> str:
         "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()),
         f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}",
     ]
+    lines += format_recon(report.get("layers", []))
     lines += format_ppl(report.get("ppl", {}))
     return "\n".join(lines)
 
 
+def recon_errors(layer: dict) -> dict[str, float]:
+    """Per-linear relative reconstruction errors of one layer entry (empty if not measured)."""
+    return {n: e["recon_error"] for n, e in layer["linears"].items() if "recon_error" in e}
+
+
+def format_recon(layers: list[dict]) -> list[str]:
+    """One summary line: mean and worst ‖WX − ŴX‖²/‖WX‖² over all measured linears."""
+    errs = [(e, f"layer {L['index']} {n}") for L in layers for n, e in recon_errors(L).items()]
+    if not errs:
+        return []
+    worst, where = max(errs)
+    mean = sum(e for e, _ in errs) / len(errs)
+    return [f"reconstruction error ‖WX-ŴX‖²/‖WX‖²: mean {mean:.4g} over {len(errs)} linears, "
+            f"worst {worst:.4g} ({where})"]
+
+
 def layer_table(report: dict) -> str:
-    """Per-layer table: target, achieved sparsity of each linear, seconds."""
+    """Per-layer table: target, achieved sparsity of each linear, mean reconstruction error of
+    the layer's linears (when measured), seconds."""
     names = list(report["layers"][0]["linears"]) if report["layers"] else []
-    head = f"{'layer':>5} {'target':>7} " + " ".join(f"{n.split('.')[-1]:>9}" for n in names) + f" {'sec':>6}"
-    rows = [head]
+    with_recon = any(recon_errors(L) for L in report["layers"])
+    head = f"{'layer':>5} {'target':>7} " + " ".join(f"{n.split('.')[-1]:>9}" for n in names)
+    head += f" {'recon':>9}" if with_recon else ""
+    rows = [head + f" {'sec':>6}"]
     for L in report["layers"]:
         cells = " ".join(f"{L['linears'][n]['sparsity']:>9.4f}" for n in names)
+        if with_recon:
+            errs = list(recon_errors(L).values())
+            cells += f" {sum(errs) / len(errs):>9.4g}" if errs else f" {'-':>9}"
         rows.append(f"{L['index']:>5} {L['target']:>7} {cells} {L['seconds']:>6.1f}")
     return "\n".join(rows)
