@@ -10,9 +10,9 @@ from llmprune.cli import main
 from llmprune.config import PruneConfig
 from llmprune.errors import LLMPruneError
 from llmprune.report import layer_table, summary
-from llmprune.sparsity.admm import admm_gradual, admm_update, cubic_sparsity
+from llmprune.sparsity.admm import admm_gradual, admm_update, cubic_sparsity, drop_lowest
 from llmprune.sparsity.methods import prune_weight, required_stats
-from llmprune.sparsity.patterns import Target
+from llmprune.sparsity.patterns import Target, unstructured_mask
 from llmprune.sparsity.recon import relative_recon_error
 from llmprune.sparsity.sparsegpt import sparsegpt
 
@@ -86,6 +86,21 @@ def test_cubic_schedule():
     assert steps[0] == pytest.approx(s * (1 - (14 / 15) ** 3))
     # front-loaded: half of the final sparsity within the first fifth of the steps
     assert steps[ks // 5] > s / 2
+
+
+def test_drop_lowest_matches_topk_and_counts_ties():
+    torch.manual_seed(9)
+    score = torch.rand(7, 40)
+    for k in (0, 1, 100, 279, 280):
+        keep = drop_lowest(score, k)
+        assert (~keep).sum() == k
+        assert torch.equal(keep, unstructured_mask(score, k / 280 + 1e-9, per="matrix"))
+    score[:, :5] = 0  # 35 tied zeros (dead inputs), and ties at the threshold itself
+    score[3, 10:20] = 0.5
+    for k in (10, 35, 36, 60):
+        keep = drop_lowest(score, k)
+        assert (~keep).sum() == k
+        assert score[~keep].max() <= score[keep].min()
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.33])

@@ -164,6 +164,23 @@ def cubic_sparsity(sparsity: float, t: int, ks: int) -> float:
     return sparsity * (1 - (1 - (t + 1) / ks) ** 3)
 
 
+def drop_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask without exactly the ``k`` lowest entries of the whole matrix (ties: first by
+    position). Same mask as ``unstructured_mask(per="matrix")`` up to ties, but via kthvalue,
+    about 4x faster than topk with k ≈ size/2 on CPU — ADMM-Grad selects 15 times per matrix."""
+    flat = score.flatten()
+    if k <= 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.zeros_like(score, dtype=torch.bool)
+    thr = flat.kthvalue(k).values
+    keep = flat > thr
+    tied = (flat == thr).nonzero().flatten()
+    n_below = int((flat < thr).sum())
+    keep[tied[k - n_below :]] = True  # drop only as many tied entries as k still needs
+    return keep.view_as(score)
+
+
 def gradual_mask(score: torch.Tensor, target: Target, s_t: float, per: str = "matrix") -> torch.Tensor:
     """Keep-mask at intermediate sparsity ``s_t`` on the way to ``target``.
 
@@ -171,13 +188,15 @@ def gradual_mask(score: torch.Tensor, target: Target, s_t: float, per: str = "ma
     N:M choice is made from the current scores and only weights outside it are dropped, lowest
     first, so at s_t = target.sparsity exactly the N:M mask remains.
     """
-    if not target.is_nm:
-        return unstructured_mask(score, s_t, per=per)
-    keep_nm = nm_mask(score, target.n, target.m)
-    if s_t >= target.sparsity:
-        return keep_nm
-    # +inf never ranks among the lowest: N:M survivors are kept at every intermediate step.
-    return unstructured_mask(score.masked_fill(keep_nm, float("inf")), s_t, per=per)
+    if target.is_nm:
+        keep_nm = nm_mask(score, target.n, target.m)
+        if s_t >= target.sparsity:
+            return keep_nm
+        # +inf never ranks among the lowest: N:M survivors are kept at every intermediate step.
+        score = score.masked_fill(keep_nm, float("inf"))
+    if per == "matrix":
+        return drop_lowest(score, int(score.numel() * s_t))
+    return unstructured_mask(score, s_t, per=per)
 
 
 def admm_gradual(W: torch.Tensor, XtX: torch.Tensor, target: Target, iters: int = ADMM_ITERS,
