@@ -113,9 +113,10 @@ def markdown(result: dict) -> str:
             cells.append(cell)
         lines.append(f"| {RUNS[name][2]} | " + " | ".join(cells) + " |")
     c = result["config"]
+    with_err = any("recon_error_mean" in r for by_s in result["results"].values() for r in by_s.values())
     lines.append("")
     lines.append(f"WikiText-2 test PPL ({c['ppl_seqlen']}-token windows, first {c['max_windows']}), "
-                 f"(prune seconds{', mean relative reconstruction error' if c['recon_error'] else ''}); "
+                 f"(prune seconds{', err = mean ‖WX−ŴX‖²/‖WX‖² over linears' if with_err else ''}); "
                  f"{c['model']}, calibration {c['nsamples']}×{c['seqlen']} C4 seed {c['seed']}, "
                  f"{result['device']}; ADMM k={c['admm_iters']}, ks={c['admm_ks']}, "
                  f"ρ={c['admm_rho']}, λ={c['admm_damp']}.")
