@@ -15,10 +15,10 @@ def _prune_parser(sub) -> None:
                        argument_default=argparse.SUPPRESS)
     p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
     p.add_argument("--recipe", help="YAML recipe; flags given here override it")
-    p.add_argument("--method", help="magnitude | wanda | sparsegpt")
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt | admm-grad")
     p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1), e.g. 0.5")
     p.add_argument("--pattern", help="N:M (N kept of every M inputs), e.g. 2:4; or 'unstructured'")
-    p.add_argument("--solver", help="weight update after the mask: none | sparsegpt")
+    p.add_argument("--solver", help="weight update after the mask: none | sparsegpt | admm")
     p.add_argument("--no-update", dest="no_update", action="store_true",
                    help="keep the original weights under the mask (SparseGPT mask-only)")
     p.add_argument("--calib", help="calibration data: c4 (default) | wikitext2 | FILE (.txt/.jsonl)")
@@ -36,6 +36,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--admm-ks", dest="admm_ks", type=int, help="ADMM-Grad sparsification steps (default 15)")
     p.add_argument("--admm-rho", dest="admm_rho", type=float, help="ADMM penalty rho (default 1)")
     p.add_argument("--admm-damp", dest="admm_damp", type=float, help="ADMM dampening, x mean diag(XᵀX) (default 0.1)")
+    p.add_argument("--recon-error", dest="recon_error", action="store_true",
+                   help="report each linear's reconstruction error ‖WX−ŴX‖²/‖WX‖² (collects XᵀX)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (one layer at a time goes there)")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--ppl", type=lambda s: [x for x in s.split(",") if x],

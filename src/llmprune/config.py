@@ -41,6 +41,7 @@ class PruneConfig:
     admm_ks: int = 15
     admm_rho: float = 1.0
     admm_damp: float = 0.1
+    recon_error: bool = False  # collect XᵀX for any method, to report ‖WX − ŴX‖²/‖WX‖² per linear
     device: str = "auto"
     dtype: str = "auto"
     ppl: list[str] = field(default_factory=list)  # measure these perplexities before and after
@@ -96,6 +97,17 @@ class PruneConfig:
             raise LLMPruneError(f"max_windows must be a positive integer, got {self.max_windows!r}")
         if not (0 <= self.percdamp):
             raise LLMPruneError(f"percdamp must be ≥ 0, got {self.percdamp}")
+        for name in ("admm_iters", "admm_ks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LLMPruneError(f"{name} must be a positive integer, got {v!r}")
+        if self.method == "admm-grad" and self.admm_ks > self.admm_iters:
+            raise LLMPruneError(f"admm_ks ({self.admm_ks}) must be ≤ admm_iters ({self.admm_iters}): "
+                                "the mask has to be final before the last ADMM iteration")
+        if not (isinstance(self.admm_rho, int | float) and self.admm_rho > 0):
+            raise LLMPruneError(f"admm_rho must be > 0, got {self.admm_rho!r}")
+        if not (isinstance(self.admm_damp, int | float) and self.admm_damp >= 0):
+            raise LLMPruneError(f"admm_damp must be ≥ 0, got {self.admm_damp!r}")
         if self.out is not None:
             out = Path(self.out)
             if out.exists() and (not out.is_dir() or any(out.iterdir())) and not self.overwrite:

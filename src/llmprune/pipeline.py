@@ -131,7 +131,7 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
         config.model = model
     config.validate()
     allocator = make_allocator(config)
-    needs_data = bool(required_stats(config.method, config.solver) or (allocator and allocator.needs))
+    needs_data = bool(required_stats(config.method, config.solver, config.recon_error) or (allocator and allocator.needs))
     if calib_ids is not None:
         if tuple(calib_ids.shape) != (config.nsamples, config.seqlen):
             raise LLMPruneError(f"calib_ids has shape {tuple(calib_ids.shape)}, but the config says "
@@ -168,7 +168,8 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
         timings["calib_s"] = time.perf_counter() - t0
 
     plan = LayerPlan(config.method, targets, config.solver, config.blocksize, config.percdamp,
-                     options=method_options(config), allocator=allocator)
+                     options=method_options(config), allocator=allocator,
+                     recon_error=config.recon_error)
     t0 = time.perf_counter()
     layer_report = run_sequential(model, ids, plan, device, progress)
     timings["prune_s"] = time.perf_counter() - t0

@@ -45,6 +45,7 @@ def summary(report: dict) -> str:
     alloc = format_allocation(report.get("allocation"))
     if alloc:
         lines.insert(2, alloc)
+    lines += format_recon(report.get("layers", []))
     lines += format_ppl(report.get("ppl", {}))
     return "\n".join(lines)
 
@@ -113,15 +114,37 @@ def allocation_plot(alloc: dict, title: str = "") -> bytes | None:
     return buf.getvalue()
 
 
+def recon_errors(layer: dict) -> dict[str, float]:
+    """Per-linear relative reconstruction errors of one layer entry (empty if not measured)."""
+    return {n: e["recon_error"] for n, e in layer["linears"].items() if "recon_error" in e}
+
+
+def format_recon(layers: list[dict]) -> list[str]:
+    """One summary line: mean and worst ‖WX − ŴX‖²/‖WX‖² over all measured linears."""
+    errs = [(e, f"layer {L['index']} {n}") for L in layers for n, e in recon_errors(L).items()]
+    if not errs:
+        return []
+    worst, where = max(errs)
+    mean = sum(e for e, _ in errs) / len(errs)
+    return [f"reconstruction error ‖WX-ŴX‖²/‖WX‖²: mean {mean:.4g} over {len(errs)} linears, "
+            f"worst {worst:.4g} ({where})"]
+
+
 def layer_table(report: dict) -> str:
-    """Per-layer table: target, OWL outlier ratio if any, achieved sparsity of each linear, seconds."""
+    """Per-layer table: target, OWL outlier ratio if any, achieved sparsity of each linear,
+    mean reconstruction error of the layer's linears (when measured), seconds."""
     names = list(report["layers"][0]["linears"]) if report["layers"] else []
     lod = bool(report["layers"]) and "outlier_ratio" in report["layers"][0]
+    with_recon = any(recon_errors(L) for L in report["layers"])
     head = (f"{'layer':>5} {'target':>7} " + (f"{'outlier%':>8} " if lod else "")
-            + " ".join(f"{n.split('.')[-1]:>9}" for n in names) + f" {'sec':>6}")
-    rows = [head]
+            + " ".join(f"{n.split('.')[-1]:>9}" for n in names))
+    head += f" {'recon':>9}" if with_recon else ""
+    rows = [head + f" {'sec':>6}"]
     for L in report["layers"]:
         cells = " ".join(f"{L['linears'][n]['sparsity']:>9.4f}" for n in names)
+        if with_recon:
+            errs = list(recon_errors(L).values())
+            cells += f" {sum(errs) / len(errs):>9.4g}" if errs else f" {'-':>9}"
         target = L["target"] if ":" in L["target"] else f"{float(L['target']):.4f}"
         extra = f"{100 * L['outlier_ratio']:>8.3f} " if lod else ""
         rows.append(f"{L['index']:>5} {target:>7} {extra}{cells} {L['seconds']:>6.1f}")

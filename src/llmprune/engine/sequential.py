@@ -29,6 +29,7 @@ from llmprune.models.layers import decoder_layers, linear_layers
 from llmprune.sparsity.allocation import Allocator
 from llmprune.sparsity.methods import prune_weight, required_stats
 from llmprune.sparsity.patterns import Target
+from llmprune.sparsity.recon import relative_recon_error
 
 
 @dataclass
@@ -46,6 +47,7 @@ class LayerPlan:
     percdamp: float = 0.01
     options: dict = field(default_factory=dict)
     allocator: Allocator | None = None
+    recon_error: bool = False  # collect XᵀX even if the method needs none, to report the error
 
 
 # Calibration rows run through a layer together: batches of 8 x 1024 tokens make the CPU
@@ -70,7 +72,8 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Te
 
 @torch.no_grad()
 def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerStats | None) -> dict:
-    """Prune every linear of one layer in place; returns per-linear sparsity and timing."""
+    """Prune every linear of one layer in place; returns per-linear sparsity and timing, and
+    the relative reconstruction error ``recon_error`` wherever XᵀX was collected."""
     linears = linear_layers(layer)
     groups = stats.groups() if stats is not None else {n: [n] for n in linears}
     missing = [n for n in linears if not any(n in g for g in groups.values())]
@@ -81,17 +84,20 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
         Ws = [linears[n].weight for n in names]
         for n, W in zip(names, Ws, strict=True):
             target.check_shape(W.shape[1], n)
+        group_stats = stats.get(leader) if stats else {}
         t0 = time.perf_counter()
-        results = prune_weight(plan.method, Ws, stats.get(leader) if stats else {}, target,
-                               solver=plan.solver, blocksize=plan.blocksize, percdamp=plan.percdamp,
-                               **plan.options)
+        results = prune_weight(plan.method, Ws, group_stats, target, solver=plan.solver,
+                               blocksize=plan.blocksize, percdamp=plan.percdamp, **plan.options)
         dt = time.perf_counter() - t0
         for n, W, (W_new, keep) in zip(names, Ws, results, strict=True):
             if not torch.isfinite(W_new).all():
                 raise FloatingPointError(f"{n}: pruning produced non-finite weights")
-            W.copy_(W_new.to(W.dtype))
+            W_new = W_new.to(W.dtype)
             report[n] = {"shape": list(W.shape), "sparsity": 1 - keep.float().mean().item(),
                          "seconds": dt / len(names), "shared_input_with": leader if leader != n else None}
+            if "xtx" in group_stats:  # the weights as stored, before they overwrite the dense W
+                report[n]["recon_error"] = relative_recon_error(W, W_new, group_stats["xtx"])
+            W.copy_(W_new)
     return report
 
 
@@ -157,7 +163,7 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
         raise ValueError("plan has neither targets nor an allocator")
     if len(targets) != len(layers):
         raise ValueError(f"plan has {len(targets)} targets for {len(layers)} layers")
-    needs = required_stats(plan.method, plan.solver)
+    needs = required_stats(plan.method, plan.solver, plan.recon_error)
     inps = kwargs = outs = None
     if needs:
         inps, kwargs = capture_layer_inputs(model, layers[0], ids, device)
