@@ -276,3 +276,24 @@ def test_cli_admm_grad_and_report(tiny_dirs, tmp_path, capsys):
     assert "recon" in printed and "reconstruction error" in printed
     assert main(["prune", str(tiny_dirs["qwen2"]), "--method", "admm-grad", "--sparsity", "0.5",
                  "--admm-iters", "4", "--admm-ks", "5", "-q"]) == 2
+
+
+def test_admm_grad_with_owl_mixed_nm():
+    """ADMM-Grad takes OWL's per-layer N:M targets: every group of every layer exact."""
+    from conftest import tiny_model
+
+    from llmprune.engine.sequential import LayerPlan, run_sequential
+    from llmprune.models.layers import decoder_layers, linear_layers
+    from llmprune.sparsity.allocation import OWLAllocator
+
+    model = tiny_model(layers=4)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = LayerPlan("admm-grad", allocator=OWLAllocator(Target.nm(5, 8), 5.0, 0.125),
+                     options=dict(admm_iters=6, admm_ks=3, admm_rho=1.0, admm_damp=0.1))
+    report = run_sequential(model, ids, plan, progress=False)
+    for L, layer in zip(report, decoder_layers(model), strict=True):
+        n = int(L["target"].split(":")[0])
+        for lin in linear_layers(layer).values():
+            W = lin.weight
+            assert ((W != 0).reshape(W.shape[0], -1, 8).sum(-1) <= n).all()
+    assert sum(int(L["target"].split(":")[0]) for L in report) == 5 * 4
