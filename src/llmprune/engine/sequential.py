@@ -106,6 +106,63 @@ def layer_params(layer: nn.Module) -> int:
     return sum(lin.weight.numel() for lin in linear_layers(layer).values())
 
 
+class LayerWalk:
+    """The decoder layers one at a time on ``device``, each fed the previous layer's outputs.
+
+    Iterating yields ``(index, layer)`` with the layer on ``device``; the body may gather
+    statistics (:meth:`collect`) and change the weights. After the body the walk runs the
+    calibration rows through the layer *as the body left it* (pruned outputs feed the next
+    layer) — unless :meth:`collect` already produced them in the same forward — and moves the
+    layer back. Without ``ids`` there is no data: the walk only moves layers. ``seconds[i]``
+    is the wall time spent on layer ``i``, propagation included.
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor | None, device: str | torch.device,
+                 desc: str, progress: bool = True):
+        self.layers = decoder_layers(model)
+        self.device = device
+        self.desc, self.progress = desc, progress
+        self.inps = self.outs = None
+        self.kwargs: dict = {}
+        if ids is not None:
+            self.inps, self.kwargs = capture_layer_inputs(model, self.layers[0], ids, device)
+            self.outs = torch.empty_like(self.inps)
+        self.seconds: list[float] = []
+        self._propagated = False
+        self.bar = None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        self.bar = tqdm(list(enumerate(self.layers)), desc=self.desc, unit="layer", disable=not self.progress)
+        for i, layer in self.bar:
+            t0 = time.perf_counter()
+            home = next(layer.parameters()).device
+            layer.to(self.device)
+            self._propagated = False
+            yield i, layer
+            if self.inps is not None and i + 1 < len(self.layers):
+                if not self._propagated:
+                    run_layer(layer, self.inps, self.kwargs, self.outs)
+                self.inps, self.outs = self.outs, self.inps
+            layer.to(home)
+            self.seconds.append(time.perf_counter() - t0)
+            self.bar.set_postfix(sec=f"{self.seconds[-1]:.1f}")
+
+    def collect(self, layer: nn.Module, needs: frozenset[str], propagate: bool = False) -> LayerStats:
+        """Run the rows through ``layer`` with hooks gathering ``needs``; with ``propagate`` the
+        same forward's outputs feed the next layer (only right if the body leaves ``layer`` as is)."""
+        if self.inps is None:
+            raise ValueError("statistics need calibration ids")
+        stats = LayerStats(linear_layers(layer), needs)
+        out = self.outs if propagate else None
+        run_layer(layer, self.inps, self.kwargs, out, stats)
+        stats.remove()
+        self._propagated = propagate
+        return stats
+
+
 @torch.no_grad()
 def measure_layers(model: nn.Module, ids: torch.Tensor, allocator: Allocator,
                    device: str | torch.device = "cpu", progress: bool = True) -> tuple[list[float], list[float]]:
@@ -115,30 +172,17 @@ def measure_layers(model: nn.Module, ids: torch.Tensor, allocator: Allocator,
     produces the dense outputs that feed the next layer. Returns the measures and the seconds
     spent per layer.
     """
-    layers = decoder_layers(model)
-    inps, kwargs = capture_layer_inputs(model, layers[0], ids, device)
-    outs = torch.empty_like(inps)
-    measures, seconds = [], []
-    bar = tqdm(list(enumerate(layers)), desc="allocation (dense pass)", unit="layer", disable=not progress)
-    for i, layer in bar:
-        t0 = time.perf_counter()
-        home = next(layer.parameters()).device
-        layer.to(device)
+    walk = LayerWalk(model, ids, device, "allocation (dense pass)", progress)
+    measures = []
+    for i, layer in walk:
         linears = linear_layers(layer)
-        stats = LayerStats(linears, allocator.needs)
-        last = i + 1 == len(layers)
-        run_layer(layer, inps, kwargs, None if last else outs, stats)
-        stats.remove()
+        stats = walk.collect(layer, allocator.needs, propagate=True)
         missing = sorted(set(linears) - set(stats.owner))
         if missing:
             raise RuntimeError(f"layer {i}: linears {missing} saw no calibration input")
         measures.append(float(allocator.measure({n: lin.weight for n, lin in linears.items()},
                                                 stats.per_linear())))
-        del stats
-        layer.to(home)
-        inps, outs = outs, inps
-        seconds.append(time.perf_counter() - t0)
-    return measures, seconds
+    return measures, walk.seconds
 
 
 def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
@@ -150,7 +194,7 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
     Each entry has the layer's ``target`` and ``target_sparsity``; with an allocator also its
     measure (e.g. ``outlier_ratio``) and the dense pass's ``allocation_seconds``.
     """
-    layers = decoder_layers(model)
+    n_layers = len(decoder_layers(model))
     targets, measures, measure_s = plan.targets, None, None
     if plan.allocator is not None:
         if targets is not None:
@@ -158,39 +202,23 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
         if ids is None:
             raise ValueError("the allocator needs calibration ids")
         measures, measure_s = measure_layers(model, ids, plan.allocator, device, progress)
-        targets = plan.allocator.allocate(measures, [layer_params(layer) for layer in layers])
+        targets = plan.allocator.allocate(measures, [layer_params(layer) for layer in decoder_layers(model)])
     if targets is None:
         raise ValueError("plan has neither targets nor an allocator")
-    if len(targets) != len(layers):
-        raise ValueError(f"plan has {len(targets)} targets for {len(layers)} layers")
+    if len(targets) != n_layers:
+        raise ValueError(f"plan has {len(targets)} targets for {n_layers} layers")
     needs = required_stats(plan.method, plan.solver, plan.recon_error)
-    inps = kwargs = outs = None
-    if needs:
-        inps, kwargs = capture_layer_inputs(model, layers[0], ids, device)
-        outs = torch.empty_like(inps)
+    walk = LayerWalk(model, ids if needs else None, device, f"prune {plan.method}", progress)
     report = []
-    bar = tqdm(list(enumerate(layers)), desc=f"prune {plan.method}", unit="layer", disable=not progress)
-    for i, layer in bar:
-        t0 = time.perf_counter()
-        home = next(layer.parameters()).device
-        layer.to(device)
-        stats = None
-        if needs:
-            stats = LayerStats(linear_layers(layer), needs)
-            run_layer(layer, inps, kwargs, None, stats)
-            stats.remove()
-        linears = prune_layer(layer, plan, targets[i], stats)
-        del stats
-        if needs and i + 1 < len(layers):
-            run_layer(layer, inps, kwargs, outs)
-            inps, outs = outs, inps
-        layer.to(home)
-        dt = time.perf_counter() - t0
+    for i, layer in walk:
+        stats = walk.collect(layer, needs) if needs else None
         entry = {"index": i, "target": str(targets[i]), "target_sparsity": targets[i].sparsity,
-                 "seconds": dt, "linears": linears}
+                 "linears": prune_layer(layer, plan, targets[i], stats)}
+        del stats  # XᵀX can be large: free it before the walk propagates through the layer
         if measures is not None:
             entry[plan.allocator.measure_name] = measures[i]
             entry["allocation_seconds"] = measure_s[i]
         report.append(entry)
-        bar.set_postfix(sec=f"{dt:.1f}")
+    for entry, sec in zip(report, walk.seconds, strict=True):
+        entry["seconds"] = sec
     return report
