@@ -5,7 +5,9 @@ Protocol (defaults): calibration 32 windows × 1024 C4 tokens, seed 0, drawn onc
 bench/out/; WikiText-2 test perplexity with 1024-token windows, the first 40 windows; targets
 50 %, 60 %, 70 %, 80 % unstructured and 2:4. Every run starts from the same dense weights,
 restored from a CPU copy of the state dict. Writes bench/out/admm.json and admm.md and prints
-the table. Full protocol::
+the table; finished cells are kept there, so a re-run (same protocol) only runs what is missing.
+Wanda and SparseGPT cells that ``bench/oneshot.py`` or ``bench/owl.py`` already measured with the
+same protocol are adopted (each says where it came from) rather than run again. Full protocol::
 
     LLMPRUNE_DATA_DIR=/work/shared/data PYTHONPATH=src python bench/admm.py
 
@@ -67,6 +69,38 @@ def calibration_ids(tokenizer, nsamples: int, seqlen: int, seed: int, calib: str
     return ids
 
 
+PROTOCOL_KEYS = ("model", "nsamples", "seqlen", "seed", "ppl_seqlen", "max_windows",
+                 "admm_iters", "admm_ks", "admm_rho", "admm_damp")
+DEFAULT_PROTOCOL = {"model": "smollm2-135m", "nsamples": 32, "seqlen": 1024, "seed": 0,
+                    "ppl_seqlen": 1024, "max_windows": 40}
+
+
+def adopted_cells(config: dict) -> dict[str, dict[str, dict]]:
+    """Dense, Wanda and SparseGPT cells already measured by the other benchmarks (default protocol only)."""
+    if any(config[k] != v for k, v in DEFAULT_PROTOCOL.items()):
+        return {}
+    cells: dict[str, dict[str, dict]] = {}
+    for f in sorted((OUT / "oneshot").glob("*-n32.json")) + sorted((OUT / "oneshot").glob("dense.json")):
+        r = json.loads(f.read_text())
+        if not isinstance(r, dict) or "ppl" not in r:
+            continue
+        if r.get("tool") == "dense":
+            cells.setdefault("dense", {})["-"] = {"ppl": r["ppl"], "source": f"bench/oneshot.py ({f.name})"}
+        elif r.get("tool") == "llmprune" and r["method"] in ("wanda", "sparsegpt"):
+            s = r["setting"] if ":" in r["setting"] else f"{float(r['setting']):g}"
+            cells.setdefault(r["method"], {})[s] = {"ppl": r["ppl"], "prune_s": r["prune_seconds"],
+                                                    "sparsity": r["sparsity"],
+                                                    "source": f"bench/oneshot.py ({f.name})"}
+    owl = OUT / "owl.json"
+    if owl.is_file():
+        for r in json.loads(owl.read_text())["runs"].values():
+            if (r["allocation"] == "uniform" and r["method"] in ("wanda", "sparsegpt") and "prune_s" in r
+                    and r["protocol"]["dtype"] == "float32" and "source" not in r):
+                cells.setdefault(r["method"], {}).setdefault(r["target"], {
+                    "ppl": r["ppl"], "prune_s": r["prune_s"], "sparsity": r["sparsity"], "source": "bench/owl.py"})
+    return cells
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -96,19 +130,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def markdown(result: dict) -> str:
     """Rows: methods; columns: settings; cells: PPL (prune seconds[, recon error])."""
-    settings = result["settings"]
+    present = {s for by_s in result["results"].values() for s in by_s}
+    settings = [s for s in SETTINGS.split(",") if s in present] + sorted(present - set(SETTINGS.split(",")))
     head = "| method | " + " | ".join(settings) + " |"
     lines = [head, "|" + "---|" * (len(settings) + 1)]
     if "dense" in result:
         lines.append("| dense | " + " | ".join(f"{result['dense']['ppl']:.2f}" for _ in settings) + " |")
-    for name in result["runs"]:
+    for name in (n for n in RUNS if n in result["results"]):
         cells = []
         for s in settings:
             r = result["results"].get(name, {}).get(s)
             if r is None:
                 cells.append("-")
                 continue
-            cell = f"{r['ppl']:.2f} ({r['prune_s']:.0f} s"
+            cell = f"{r['ppl']:.2f} ({r['prune_s']:.0f} s{'*' if 'source' in r else ''}"
             cell += f", err {r['recon_error_mean']:.3f})" if "recon_error_mean" in r else ")"
             cells.append(cell)
         lines.append(f"| {RUNS[name][2]} | " + " | ".join(cells) + " |")
@@ -119,7 +154,8 @@ def markdown(result: dict) -> str:
                  f"(prune seconds{', err = mean ‖WX−ŴX‖²/‖WX‖² over linears' if with_err else ''}); "
                  f"{c['model']}, calibration {c['nsamples']}×{c['seqlen']} C4 seed {c['seed']}, "
                  f"{result['device']}; ADMM k={c['admm_iters']}, ks={c['admm_ks']}, "
-                 f"ρ={c['admm_rho']}, λ={c['admm_damp']}.")
+                 f"ρ={c['admm_rho']}, λ={c['admm_damp']}. * adopted from another benchmark "
+                 "(same protocol; see each cell's `source` in the JSON).")
     return "\n".join(lines)
 
 
@@ -149,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    protocol = {k: result["config"][k] for k in PROTOCOL_KEYS}
+    if out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        if {k: old["config"].get(k) for k in PROTOCOL_KEYS} == protocol:
+            result["results"] = old["results"]
+            if "dense" in old:
+                result["dense"] = old["dense"]
+    adopted = adopted_cells(result["config"])
+    for name in ("wanda", "sparsegpt"):
+        for s, cell in adopted.get(name, {}).items():
+            result["results"].setdefault(name, {}).setdefault(s, cell)
+    if "-" in adopted.get("dense", {}):
+        result.setdefault("dense", adopted["dense"]["-"])
 
     def save() -> None:
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
@@ -157,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     def ppl() -> float:
         return perplexity(model, test_ids, args.ppl_seqlen, args.max_windows, progress=False)["ppl"]
 
-    if not args.no_dense:
+    if not args.no_dense and "dense" not in result:
         result["dense"] = {"ppl": ppl()}
         print(f"dense: PPL {result['dense']['ppl']:.3f}", flush=True)
     n_layers = len(decoder_layers(model))
@@ -165,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         target = parse_setting(s)
         for name in runs:
             method, solver, label = RUNS[name]
+            if s in result["results"].get(name, {}):
+                continue
             model.load_state_dict(dense)
             plan = LayerPlan(method, [target] * n_layers, solver, options=options,
                              recon_error=args.recon_error)

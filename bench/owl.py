@@ -32,7 +32,11 @@ from llmprune import PruneConfig, load_model, prune  # noqa: E402
 from llmprune.data.calibration import calibration_windows  # noqa: E402
 from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
+from llmprune.engine.sequential import layer_params, measure_layers  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
+from llmprune.models.layers import decoder_layers  # noqa: E402
+from llmprune.sparsity.allocation import OWLAllocator, layer_outlier_ratio  # noqa: E402
+from llmprune.sparsity.patterns import Target  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 METHODS = ("wanda", "sparsegpt", "magnitude")
@@ -60,7 +64,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
+    p.add_argument("--oneshot-results", type=Path, default=OUT / "oneshot",
+                   help="adopt dense / uniform rows bench/oneshot.py measured with the same protocol")
     return p.parse_args(argv)
+
+
+class ManyM:
+    """An allocator for the dense pass only: the outlier ratio of each layer for several M at once.
+
+    The dense pass depends on neither M, λ, the method nor the target, so one pass serves every
+    OWL run of the benchmark; ``allocate`` is never called.
+    """
+
+    needs = OWLAllocator.needs
+    measure_name = OWLAllocator.measure_name
+
+    def __init__(self, ms: list[float]):
+        self.ms = ms
+        self.lods: dict[float, list[float]] = {m: [] for m in ms}
+
+    def measure(self, weights, stats) -> float:
+        for m in self.ms:
+            self.lods[m].append(layer_outlier_ratio(weights, stats, m))
+        return 0.0
 
 
 def run_key(method: str, target: str, allocation: str, m: float | None, lam: float | None) -> str:
@@ -91,6 +117,22 @@ class Bench:
                          "max_windows": args.max_windows, "seed": args.seed, "dtype": self.dtype,
                          "calib": "c4", "eval": "wikitext2 test"}
 
+        self.lods: dict[float, list[float]] = {}
+        self.dense_pass_s = 0.0
+
+    def outlier_ratios(self, m: float) -> list[float]:
+        """Per-layer LODs of the dense model for threshold ``m`` (one dense pass, cached)."""
+        if m not in self.lods:
+            ms = sorted(set(SWEEP_M) | {m, self.args.owl_m})
+            self.reset()
+            many = ManyM(ms)
+            t0 = time.perf_counter()
+            measure_layers(self.model, self.calib, many, self.device, progress=False)
+            self.dense_pass_s = time.perf_counter() - t0
+            self.lods = many.lods
+            print(f"dense pass (outlier ratios for M in {ms}) in {self.dense_pass_s:.1f}s", flush=True)
+        return self.lods[m]
+
     def reset(self) -> None:
         self.model.load_state_dict(self.dense)
 
@@ -99,7 +141,6 @@ class Bench:
 
     def run(self, method: str, target: str, allocation: str, m: float | None = None,
             lam: float | None = None) -> dict:
-        self.reset()
         cfg = PruneConfig(model=self.args.model, method=method, allocation=allocation,
                           nsamples=self.args.nsamples, seqlen=self.args.seqlen, seed=self.args.seed,
                           device=self.device, calib="c4")
@@ -107,8 +148,16 @@ class Bench:
             cfg.pattern = target
         else:
             cfg.sparsity = float(target)
+        lods = None
         if allocation == "owl":
-            cfg.owl_m, cfg.owl_lambda = m, lam
+            # Exactly what `--allocation owl` does (dense pass → OWLAllocator.allocate → prune
+            # with those targets), with the dense pass shared by all runs instead of repeated.
+            lods = self.outlier_ratios(m)
+            owl = OWLAllocator(Target.parse(target, None) if ":" in target else Target.unstructured(float(target)),
+                               m, lam)
+            targets = owl.allocate(lods, [layer_params(layer) for layer in decoder_layers(self.model)])
+            cfg.allocation, cfg.layer_ratios = "explicit", [t.sparsity for t in targets]
+        self.reset()
         t0 = time.perf_counter()
         rep = prune(self.model, cfg, tokenizer=self.tok, calib_ids=self.calib, progress=False).report
         prune_s = time.perf_counter() - t0
@@ -117,9 +166,37 @@ class Bench:
         alloc = rep["allocation"]
         return {"method": method, "target": target, "allocation": allocation, "owl_m": m, "owl_lambda": lam,
                 "ppl": ppl, "sparsity": rep["sparsity"], "prune_s": prune_s,
+                "dense_pass_s": self.dense_pass_s if lods else None,
                 "ppl_s": time.perf_counter() - t0, "layer_targets": alloc["targets"],
-                "layer_ratios": alloc["ratios"], "outlier_ratios": alloc.get("outlier_ratios"),
+                "layer_ratios": alloc["ratios"], "outlier_ratios": lods,
                 "weighted_mean": alloc["weighted_mean"], "protocol": self.protocol}
+
+
+def import_oneshot(runs: dict, protocol: dict, folder: Path) -> None:
+    """Adopt dense and uniform rows that ``bench/oneshot.py`` already measured.
+
+    Its protocol is this script's default one (smollm2-135m fp32, 32 x 1024 C4 seed 0,
+    WikiText-2 seqlen 1024, 40 windows) and the computation is the same, so re-running those
+    rows would only repeat them; each adopted row says where it came from.
+    """
+    default = {"model": "smollm2-135m", "nsamples": 32, "seqlen": 1024, "max_windows": 40, "seed": 0,
+               "dtype": "float32"}
+    if any(protocol.get(k) != v for k, v in default.items()):
+        return
+    for f in sorted(folder.glob("*.json")):
+        r = json.loads(f.read_text())
+        if not isinstance(r, dict) or r.get("nsamples") != 32 or r.get("tool") not in ("dense", "llmprune") or "ppl" not in r:
+            continue
+        src = f"bench/oneshot.py ({f.name})"
+        if r["tool"] == "dense":
+            runs.setdefault("dense", {"method": "dense", "target": "dense", "allocation": "-", "ppl": r["ppl"],
+                                      "sparsity": 0.0, "protocol": protocol, "source": src})
+        elif ":" not in r["setting"]:
+            key = run_key(r["method"], f"{float(r['setting']):g}", "uniform", None, None)
+            runs.setdefault(key, {"method": r["method"], "target": f"{float(r['setting']):g}",
+                                  "allocation": "uniform", "owl_m": None, "owl_lambda": None, "ppl": r["ppl"],
+                                  "sparsity": r["sparsity"], "prune_s": r["prune_seconds"],
+                                  "protocol": protocol, "source": src})
 
 
 def load_results(path: Path, fresh: bool) -> dict:
@@ -190,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     path = args.out / "owl.json"
     runs = load_results(path, args.fresh)
+    if args.oneshot_results.is_dir():
+        import_oneshot(runs, bench.protocol, args.oneshot_results)
 
     plan: list[tuple[str, str, str, float | None, float | None]] = []
     for method in methods:
