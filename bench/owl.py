@@ -10,7 +10,9 @@ M ∈ {3, 5, 7} x λ ∈ {0.04, 0.08, 0.12} at 70% for Wanda.
     PYTHONPATH=src python bench/owl.py --methods wanda --sparsities 0.7 --no-sweep
 
 Every finished run is merged into ``bench/out/owl.json`` at once (keyed by its settings), so
-an interrupted or partial invocation keeps what it did and a later one adds to it; the
+an interrupted or partial invocation keeps what it did and a later one only runs what is
+missing (``--fresh`` starts over). OWL's dense pass (outlier ratios for every M) runs once and
+is cached in ``bench/out/owl_outlier_ratios.json``; the
 Markdown tables (``bench/out/owl.md``, also printed) are built from everything in the JSON
 that matches the current protocol (model, nsamples, seqlen, windows, seed, dtype).
 """
@@ -122,6 +124,12 @@ class Bench:
 
     def outlier_ratios(self, m: float) -> list[float]:
         """Per-layer LODs of the dense model for threshold ``m`` (one dense pass, cached)."""
+        cache = self.args.out / "owl_outlier_ratios.json"
+        if not self.lods and cache.is_file():
+            saved = json.loads(cache.read_text())
+            if saved["protocol"] == self.protocol:
+                self.lods = {float(k): v for k, v in saved["lods"].items()}
+                self.dense_pass_s = saved["dense_pass_s"]
         if m not in self.lods:
             ms = sorted(set(SWEEP_M) | {m, self.args.owl_m})
             self.reset()
@@ -130,6 +138,9 @@ class Bench:
             measure_layers(self.model, self.calib, many, self.device, progress=False)
             self.dense_pass_s = time.perf_counter() - t0
             self.lods = many.lods
+            self.args.out.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"protocol": self.protocol, "dense_pass_s": self.dense_pass_s,
+                                         "lods": {str(k): v for k, v in self.lods.items()}}))
             print(f"dense pass (outlier ratios for M in {ms}) in {self.dense_pass_s:.1f}s", flush=True)
         return self.lods[m]
 
@@ -271,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         import_oneshot(runs, bench.protocol, args.oneshot_results)
 
     plan: list[tuple[str, str, str, float | None, float | None]] = []
-    for method in methods:
-        for t in targets:
+    for t in targets:  # target-major: a partial run still fills whole columns of the table
+        for method in methods:
             plan.append((method, t, "uniform", None, None))
             plan.append((method, t, "owl", args.owl_m, args.owl_lambda))
     if args.sweep:
@@ -290,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     done = set()
     for method, t, alloc, m, lam in plan:
         key = run_key(method, t, alloc, m, lam)
-        if key in done:
-            continue
+        if key in done or runs.get(key, {}).get("protocol") == bench.protocol:
+            continue  # finished earlier (this invocation or a previous one)
         done.add(key)
         r = bench.run(method, t, alloc, m, lam)
         runs[key] = r

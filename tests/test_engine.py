@@ -107,3 +107,25 @@ def test_pruning_changes_output_less_with_sparsegpt():
         with torch.no_grad():
             errs[solver] = (m(ids).logits - ref).pow(2).mean().item()
     assert errs["sparsegpt"] < errs["none"]
+
+
+def test_dense_pass_statistics_equal_a_whole_model_forward():
+    """measure_layers propagates *dense* outputs: every layer's Σx² equals a full forward's."""
+    model = tiny_model(layers=3)
+    ids = calib_ids()
+    seen = []
+
+    class Spy:
+        needs = frozenset({"col_sq"})
+        measure_name = "spy"
+
+        def measure(self, weights, stats):
+            seen.append(stats["self_attn.q_proj"]["col_sq"].clone())
+            return 0.0
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measures, seconds = seq.measure_layers(model, ids, Spy())
+    assert measures == [0.0] * 3 and len(seconds) == 3
+    for i in range(3):
+        torch.testing.assert_close(seen[i], inputs_of(model, i, "self_attn.q_proj", ids), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing pruned
