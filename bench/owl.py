@@ -301,11 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     done = set()
     for method, t, alloc, m, lam in plan:
         key = run_key(method, t, alloc, m, lam)
+        if not args.fresh:  # another invocation may be filling the same JSON
+            runs = {**runs, **load_results(path, False)}
         if key in done or runs.get(key, {}).get("protocol") == bench.protocol:
             continue  # finished earlier (this invocation or a previous one)
         done.add(key)
         r = bench.run(method, t, alloc, m, lam)
-        runs[key] = r
+        runs = {**runs, **load_results(path, False), key: r}
         save_results(path, runs, bench.protocol)
         if ":" in t:
             ns = sorted(r["layer_targets"], key=lambda x: int(x.split(":")[0]))
