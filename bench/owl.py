@@ -3,7 +3,7 @@
 Protocol: calibration 32 x 1024 C4 tokens, seed 0 (drawn once, shared by every run);
 WikiText-2 test perplexity at seqlen 1024 on the first 40 windows. Table at 50/60/70/80%
 unstructured and 5:8 (uniform 5:8 vs OWL mixed N:8 with mean N = 5), uniform vs OWL
-(M = 5, λ = 0.08) for wanda, sparsegpt and magnitude, plus the dense model; then a sweep
+(the library's defaults, M = 7, λ = 0.12, chosen by the sweep) for wanda, sparsegpt and magnitude, plus the dense model; then a sweep
 M ∈ {3, 5, 7} x λ ∈ {0.04, 0.08, 0.12} at 70% for Wanda.
 
     PYTHONPATH=src python bench/owl.py                      # everything (about an hour on CPU)
@@ -56,8 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the M x λ sweep (wanda, --sweep-sparsity)")
     p.add_argument("--sweep-sparsity", type=float, default=0.7)
-    p.add_argument("--owl-m", type=float, default=5.0, help="OWL M for the main table")
-    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL λ for the main table (N:M too)")
+    p.add_argument("--owl-m", type=float, default=PruneConfig.owl_m,
+                   help="OWL M for the main table (default: the library's, %(default)s)")
+    p.add_argument("--owl-lambda", type=float, default=PruneConfig.owl_lambda,
+                   help="OWL λ for the main table, N:M too (default: the library's, %(default)s)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=1024, help="calibration and evaluation window")
     p.add_argument("--max-windows", type=int, default=40, help="first K WikiText-2 test windows")

@@ -28,8 +28,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--blocksize", type=int, help="SparseGPT block size (default 128)")
     p.add_argument("--percdamp", type=float, help="SparseGPT damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--allocation", help="layer-wise sparsity: uniform (default) | owl | explicit")
-    p.add_argument("--owl-m", dest="owl_m", type=float, help="OWL outlier threshold M (default 5)")
-    p.add_argument("--owl-lambda", dest="owl_lambda", type=float, help="OWL ratio spread lambda (default 0.08)")
+    p.add_argument("--owl-m", dest="owl_m", type=float, help="OWL outlier threshold M (default 7)")
+    p.add_argument("--owl-lambda", dest="owl_lambda", type=float, help="OWL ratio spread lambda (default 0.12)")
     p.add_argument("--layer-ratios", dest="layer_ratios", type=lambda s: [float(x) for x in s.split(",")],
                    help="explicit per-layer sparsity, comma-separated (with --allocation explicit)")
     p.add_argument("--admm-iters", dest="admm_iters", type=int, help="ADMM iterations k (default 20)")

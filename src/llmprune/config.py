@@ -33,8 +33,8 @@ class PruneConfig:
     percdamp: float = 0.01
     # layer-wise allocation of the target (issue: OWL)
     allocation: str = "uniform"  # uniform | owl | explicit
-    owl_m: float = 5.0  # outlier threshold: score > M x layer mean
-    owl_lambda: float = 0.08  # ratios stay within [S - lambda, S + lambda]
+    owl_m: float = 7.0  # outlier threshold: score > M x layer mean (sweep: docs/owl.md)
+    owl_lambda: float = 0.12  # ratios stay within [S - lambda, S + lambda]
     layer_ratios: list[float] | dict[int, float] | None = None  # explicit per-layer sparsity
     # ADMM solver / ADMM gradual pruning (issue: ADMM)
     admm_iters: int = 20

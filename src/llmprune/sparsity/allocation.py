@@ -257,8 +257,8 @@ class OWLAllocator:
     """OWL in the engine's allocation slot: dense ``col_sq`` pass → LODs → per-layer targets."""
 
     target: Target
-    m: float = 5.0
-    lam: float = 0.08
+    m: float = 7.0
+    lam: float = 0.12
     needs: ClassVar[frozenset[str]] = frozenset({"col_sq"})
     measure_name: ClassVar[str] = "outlier_ratio"
 
