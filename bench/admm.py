@@ -95,6 +95,7 @@ def adopted_cells(config: dict) -> dict[str, dict[str, dict]]:
     if owl.is_file():
         for r in json.loads(owl.read_text())["runs"].values():
             if (r["allocation"] == "uniform" and r["method"] in ("wanda", "sparsegpt") and "prune_s" in r
+                    and r["target"] in SETTINGS.split(",")
                     and r["protocol"]["dtype"] == "float32" and "source" not in r):
                 cells.setdefault(r["method"], {}).setdefault(r["target"], {
                     "ppl": r["ppl"], "prune_s": r["prune_s"], "sparsity": r["sparsity"], "source": "bench/owl.py"})
