@@ -129,14 +129,10 @@ class LayerWalk:
             self.outs = torch.empty_like(self.inps)
         self.seconds: list[float] = []
         self._propagated = False
-        self.bar = None
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     def __iter__(self):
-        self.bar = tqdm(list(enumerate(self.layers)), desc=self.desc, unit="layer", disable=not self.progress)
-        for i, layer in self.bar:
+        bar = tqdm(list(enumerate(self.layers)), desc=self.desc, unit="layer", disable=not self.progress)
+        for i, layer in bar:
             t0 = time.perf_counter()
             home = next(layer.parameters()).device
             layer.to(self.device)
@@ -148,7 +144,7 @@ class LayerWalk:
                 self.inps, self.outs = self.outs, self.inps
             layer.to(home)
             self.seconds.append(time.perf_counter() - t0)
-            self.bar.set_postfix(sec=f"{self.seconds[-1]:.1f}")
+            bar.set_postfix(sec=f"{self.seconds[-1]:.1f}")
 
     def collect(self, layer: nn.Module, needs: frozenset[str], propagate: bool = False) -> LayerStats:
         """Run the rows through ``layer`` with hooks gathering ``needs``; with ``propagate`` the
