@@ -42,6 +42,8 @@ from llmprune.models.layers import decoder_layers  # noqa: E402
 from llmprune.sparsity.patterns import Target  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(OUT.parent))
+import oneshot  # noqa: E402
 
 # name → (method, solver, label in the table)
 RUNS = {
@@ -71,26 +73,19 @@ def calibration_ids(tokenizer, nsamples: int, seqlen: int, seed: int, calib: str
 
 PROTOCOL_KEYS = ("model", "nsamples", "seqlen", "seed", "ppl_seqlen", "max_windows",
                  "admm_iters", "admm_ks", "admm_rho", "admm_damp")
-DEFAULT_PROTOCOL = {"model": "smollm2-135m", "nsamples": 32, "seqlen": 1024, "seed": 0,
-                    "ppl_seqlen": 1024, "max_windows": 40}
 
 
 def adopted_cells(config: dict) -> dict[str, dict[str, dict]]:
-    """Dense, Wanda and SparseGPT cells already measured by the other benchmarks (default protocol only)."""
-    if any(config[k] != v for k, v in DEFAULT_PROTOCOL.items()):
+    """Dense, Wanda and SparseGPT cells already measured by the other benchmarks (their protocol only)."""
+    if any(config[k] != v for k, v in oneshot.PROTOCOL.items()):
         return {}
     cells: dict[str, dict[str, dict]] = {}
-    for f in sorted((OUT / "oneshot").glob("*-n32.json")) + sorted((OUT / "oneshot").glob("dense.json")):
-        r = json.loads(f.read_text())
-        if not isinstance(r, dict) or "ppl" not in r:
-            continue
-        if r.get("tool") == "dense":
-            cells.setdefault("dense", {})["-"] = {"ppl": r["ppl"], "source": f"bench/oneshot.py ({f.name})"}
-        elif r.get("tool") == "llmprune" and r["method"] in ("wanda", "sparsegpt"):
-            s = r["setting"] if ":" in r["setting"] else f"{float(r['setting']):g}"
-            cells.setdefault(r["method"], {})[s] = {"ppl": r["ppl"], "prune_s": r["prune_seconds"],
-                                                    "sparsity": r["sparsity"],
-                                                    "source": f"bench/oneshot.py ({f.name})"}
+    for r in oneshot.finished_rows():
+        if r["method"] == "dense":
+            cells.setdefault("dense", {})["-"] = {"ppl": r["ppl"], "source": r["source"]}
+        elif r["method"] in ("wanda", "sparsegpt"):
+            cells.setdefault(r["method"], {})[r["setting"]] = {
+                "ppl": r["ppl"], "prune_s": r["prune_s"], "sparsity": r["sparsity"], "source": r["source"]}
     owl = OUT / "owl.json"
     if owl.is_file():
         for r in json.loads(owl.read_text())["runs"].values():

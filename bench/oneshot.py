@@ -29,6 +29,31 @@ REPO = HERE.parent
 OUT = HERE / "out" / "oneshot"
 BENCH_PY = REPO / ".venv-bench" / "bin" / "python"
 PPL_SEQLEN, PPL_WINDOWS, SEQLEN, SEED = 1024, 40, 1024, 0
+# What a 32-sample run here measures; other benchmarks adopt those rows when theirs is the same.
+PROTOCOL = {"model": "smollm2-135m", "nsamples": 32, "seqlen": SEQLEN, "seed": SEED,
+            "ppl_seqlen": PPL_SEQLEN, "max_windows": PPL_WINDOWS}
+
+
+def finished_rows(folder: Path = OUT) -> list[dict]:
+    """The dense and llmprune rows already measured with :data:`PROTOCOL`, for other benchmarks.
+
+    Each row: ``method`` ("dense" for the dense model), ``setting`` ("0.5", "2:4"; None for
+    dense), ``ppl``, ``prune_s``, ``sparsity`` and ``source`` (the result file).
+    """
+    rows = []
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        r = json.loads(f.read_text())
+        if not isinstance(r, dict) or r.get("nsamples") != PROTOCOL["nsamples"] or "ppl" not in r:
+            continue
+        if r.get("tool") not in ("dense", "llmprune"):
+            continue
+        setting = r["setting"]
+        if setting is not None and ":" not in setting:
+            setting = f"{float(setting):g}"
+        rows.append({"method": "dense" if r["tool"] == "dense" else r["method"], "setting": setting,
+                     "ppl": r["ppl"], "prune_s": r.get("prune_seconds"), "sparsity": r["sparsity"],
+                     "source": f"bench/oneshot.py ({f.name})"})
+    return rows
 
 
 def settings_of(s: str) -> dict:

@@ -38,7 +38,9 @@ from llmprune.engine.sequential import layer_params, measure_layers  # noqa: E40
 from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.models.layers import decoder_layers  # noqa: E402
 from llmprune.sparsity.allocation import OWLAllocator, layer_outlier_ratio  # noqa: E402
-from llmprune.sparsity.patterns import Target  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import oneshot  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 METHODS = ("wanda", "sparsegpt", "magnitude")
@@ -68,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
-    p.add_argument("--oneshot-results", type=Path, default=OUT / "oneshot",
+    p.add_argument("--oneshot-results", type=Path, default=oneshot.OUT,
                    help="adopt dense / uniform rows bench/oneshot.py measured with the same protocol")
     return p.parse_args(argv)
 
@@ -166,9 +168,7 @@ class Bench:
             # Exactly what `--allocation owl` does (dense pass → OWLAllocator.allocate → prune
             # with those targets), with the dense pass shared by all runs instead of repeated.
             lods = self.outlier_ratios(m)
-            owl = OWLAllocator(Target.parse(target, None) if ":" in target else Target.unstructured(float(target)),
-                               m, lam)
-            targets = owl.allocate(lods, [layer_params(layer) for layer in decoder_layers(self.model)])
+            targets = OWLAllocator(cfg.target, m, lam).allocate(lods, [layer_params(layer) for layer in decoder_layers(self.model)])
             cfg.allocation, cfg.layer_ratios = "explicit", [t.sparsity for t in targets]
         self.reset()
         t0 = time.perf_counter()
@@ -186,30 +186,22 @@ class Bench:
 
 
 def import_oneshot(runs: dict, protocol: dict, folder: Path) -> None:
-    """Adopt dense and uniform rows that ``bench/oneshot.py`` already measured.
+    """Adopt the dense and uniform unstructured rows ``bench/oneshot.py`` already measured.
 
-    Its protocol is this script's default one (smollm2-135m fp32, 32 x 1024 C4 seed 0,
-    WikiText-2 seqlen 1024, 40 windows) and the computation is the same, so re-running those
-    rows would only repeat them; each adopted row says where it came from.
+    Where its protocol is this one the computation is the same, so re-running those rows would
+    only repeat them; each adopted row says where it came from.
     """
-    default = {"model": "smollm2-135m", "nsamples": 32, "seqlen": 1024, "max_windows": 40, "seed": 0,
-               "dtype": "float32"}
-    if any(protocol.get(k) != v for k, v in default.items()):
+    if protocol["dtype"] != "float32" or any(protocol[k] != oneshot.PROTOCOL[k]
+                                             for k in ("model", "nsamples", "seqlen", "max_windows", "seed")):
         return
-    for f in sorted(folder.glob("*.json")):
-        r = json.loads(f.read_text())
-        if not isinstance(r, dict) or r.get("nsamples") != 32 or r.get("tool") not in ("dense", "llmprune") or "ppl" not in r:
-            continue
-        src = f"bench/oneshot.py ({f.name})"
-        if r["tool"] == "dense":
-            runs.setdefault("dense", {"method": "dense", "target": "dense", "allocation": "-", "ppl": r["ppl"],
-                                      "sparsity": 0.0, "protocol": protocol, "source": src})
+    for r in oneshot.finished_rows(folder):
+        common = {"ppl": r["ppl"], "sparsity": r["sparsity"], "protocol": protocol, "source": r["source"]}
+        if r["method"] == "dense":
+            runs.setdefault("dense", {"method": "dense", "target": "dense", "allocation": "-", **common})
         elif ":" not in r["setting"]:
-            key = run_key(r["method"], f"{float(r['setting']):g}", "uniform", None, None)
-            runs.setdefault(key, {"method": r["method"], "target": f"{float(r['setting']):g}",
-                                  "allocation": "uniform", "owl_m": None, "owl_lambda": None, "ppl": r["ppl"],
-                                  "sparsity": r["sparsity"], "prune_s": r["prune_seconds"],
-                                  "protocol": protocol, "source": src})
+            runs.setdefault(run_key(r["method"], r["setting"], "uniform", None, None), {
+                "method": r["method"], "target": r["setting"], "allocation": "uniform", "owl_m": None,
+                "owl_lambda": None, "prune_s": r["prune_s"], **common})
 
 
 def load_results(path: Path, fresh: bool) -> dict:
@@ -280,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     path = args.out / "owl.json"
     runs = load_results(path, args.fresh)
-    if args.oneshot_results.is_dir():
-        import_oneshot(runs, bench.protocol, args.oneshot_results)
+    import_oneshot(runs, bench.protocol, args.oneshot_results)
 
     plan: list[tuple[str, str, str, float | None, float | None]] = []
     for t in targets:  # target-major: a partial run still fills whole columns of the table

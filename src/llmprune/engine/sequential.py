@@ -190,7 +190,7 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
     Each entry has the layer's ``target`` and ``target_sparsity``; with an allocator also its
     measure (e.g. ``outlier_ratio``) and the dense pass's ``allocation_seconds``.
     """
-    n_layers = len(decoder_layers(model))
+    layers = decoder_layers(model)
     targets, measures, measure_s = plan.targets, None, None
     if plan.allocator is not None:
         if targets is not None:
@@ -198,11 +198,11 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
         if ids is None:
             raise ValueError("the allocator needs calibration ids")
         measures, measure_s = measure_layers(model, ids, plan.allocator, device, progress)
-        targets = plan.allocator.allocate(measures, [layer_params(layer) for layer in decoder_layers(model)])
+        targets = plan.allocator.allocate(measures, [layer_params(layer) for layer in layers])
     if targets is None:
         raise ValueError("plan has neither targets nor an allocator")
-    if len(targets) != n_layers:
-        raise ValueError(f"plan has {len(targets)} targets for {n_layers} layers")
+    if len(targets) != len(layers):
+        raise ValueError(f"plan has {len(targets)} targets for {len(layers)} layers")
     needs = required_stats(plan.method, plan.solver, plan.recon_error)
     walk = LayerWalk(model, ids if needs else None, device, f"prune {plan.method}", progress)
     report = []
