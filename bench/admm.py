@@ -39,6 +39,7 @@ from llmprune.engine.sequential import LayerPlan, run_sequential  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.eval.sparsity import measure_sparsity  # noqa: E402
 from llmprune.models.layers import decoder_layers  # noqa: E402
+from llmprune.sparsity.admm import ADMMOptions  # noqa: E402
 from llmprune.sparsity.patterns import Target  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -171,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     test_ids = eval_token_stream(load_corpus("wikitext2", "test"), tok, args.ppl_seqlen)
     runs = args.runs.split(",")
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    options = {"admm_iters": args.admm_iters, "admm_ks": args.admm_ks,
-               "admm_rho": args.admm_rho, "admm_damp": args.admm_damp}
+    admm = ADMMOptions(admm_iters=args.admm_iters, admm_ks=args.admm_ks,
+                       admm_rho=args.admm_rho, admm_damp=args.admm_damp)
+    options = {ADMMOptions: admm}
     result: dict = {
         "config": {**vars(args), "calib": "c4"}, "device": torch.cuda.get_device_name() if device == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)", "versions": {

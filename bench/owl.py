@@ -31,6 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from llmprune import PruneConfig, load_model, prune  # noqa: E402
+from llmprune.config import resolve_device  # noqa: E402
 from llmprune.data.calibration import calibration_windows  # noqa: E402
 from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
@@ -58,9 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the M x λ sweep (wanda, --sweep-sparsity)")
     p.add_argument("--sweep-sparsity", type=float, default=0.7)
-    p.add_argument("--owl-m", type=float, default=PruneConfig.owl_m,
+    p.add_argument("--owl-m", type=float, default=PruneConfig.model_fields["owl_m"].default,
                    help="OWL M for the main table (default: the library's, %(default)s)")
-    p.add_argument("--owl-lambda", type=float, default=PruneConfig.owl_lambda,
+    p.add_argument("--owl-lambda", type=float, default=PruneConfig.model_fields["owl_lambda"].default,
                    help="OWL λ for the main table, N:M too (default: the library's, %(default)s)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=1024, help="calibration and evaluation window")
@@ -104,7 +105,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.device = PruneConfig(device=args.device).resolved_device()
+        self.device = resolve_device(args.device)
         t0 = time.perf_counter()
         self.model, self.tok = load_model(args.model, device=self.device, dtype=args.dtype)
         # The whole 135M model fits on any device: keep it there, the engine then moves nothing.

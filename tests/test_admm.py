@@ -10,7 +10,13 @@ from llmprune.cli import main
 from llmprune.config import PruneConfig
 from llmprune.errors import LLMPruneError
 from llmprune.report import layer_table, summary
-from llmprune.sparsity.admm import admm_gradual, admm_update, cubic_sparsity, drop_lowest
+from llmprune.sparsity.admm import (
+    ADMMOptions,
+    admm_gradual,
+    admm_update,
+    cubic_sparsity,
+    drop_lowest,
+)
 from llmprune.sparsity.methods import prune_weight, required_stats
 from llmprune.sparsity.patterns import Target, unstructured_mask
 from llmprune.sparsity.recon import relative_recon_error
@@ -289,7 +295,7 @@ def test_admm_grad_with_owl_mixed_nm():
     model = tiny_model(layers=4)
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
     plan = LayerPlan("admm-grad", allocator=OWLAllocator(Target.nm(5, 8), 5.0, 0.125),
-                     options=dict(admm_iters=6, admm_ks=3, admm_rho=1.0, admm_damp=0.1))
+                     options={ADMMOptions: ADMMOptions(admm_iters=6, admm_ks=3, admm_rho=1.0, admm_damp=0.1)})
     report = run_sequential(model, ids, plan, progress=False)
     for L, layer in zip(report, decoder_layers(model), strict=True):
         n = int(L["target"].split(":")[0])

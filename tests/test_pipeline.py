@@ -69,7 +69,7 @@ def test_recipe_roundtrip_and_rerun(tiny_dirs, tmp_path):
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(llmprune.LLMPruneError, match="unknown recipe keys"):
+    with pytest.raises(llmprune.LLMPruneError, match="unknown option 'sparsty'; did you mean 'sparsity'"):
         PruneConfig.from_yaml("llmprune: {method: wanda, sparsty: 0.5}")
 
 

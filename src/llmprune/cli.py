@@ -6,47 +6,55 @@ import argparse
 import json
 import sys
 
+from pydantic import BaseModel
+
 from llmprune.config import PruneConfig
 from llmprune.errors import LLMPruneError
+
+
+def add_option_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of ``model`` (``_`` → ``-``), help and default from its declaration.
+
+    Values reach the model as the strings typed, so pydantic checks flags, recipes and the
+    Python API alike; booleans are switches.
+    """
+    for name, f in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = f.get_default(call_default_factory=True)
+        shown = "" if default in (None, [], "") else f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
+        if f.annotation is bool:
+            p.add_argument(flag, dest=name, action="store_true", help=(f.description or "") + shown)
+        else:
+            p.add_argument(flag, dest=name, metavar=name.upper(), help=(f.description or "") + shown)
 
 
 def _prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model layer by layer with calibration data",
                        argument_default=argparse.SUPPRESS)
     p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
-    p.add_argument("--recipe", help="YAML recipe; flags given here override it")
-    p.add_argument("--method", help="magnitude | wanda | sparsegpt | admm-grad")
-    p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1), e.g. 0.5")
-    p.add_argument("--pattern", help="N:M (N kept of every M inputs), e.g. 2:4; or 'unstructured'")
-    p.add_argument("--solver", help="weight update after the mask: none | sparsegpt | admm")
+    p.add_argument("--recipe", help="YAML recipe (or a pruned directory holding recipe.yaml); flags given here override it")
     p.add_argument("--no-update", dest="no_update", action="store_true",
-                   help="keep the original weights under the mask (SparseGPT mask-only)")
-    p.add_argument("--calib", help="calibration data: c4 (default) | wikitext2 | FILE (.txt/.jsonl)")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
-    p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
-    p.add_argument("--blocksize", type=int, help="SparseGPT block size (default 128)")
-    p.add_argument("--percdamp", type=float, help="SparseGPT damping, fraction of mean diag(H) (default 0.01)")
-    p.add_argument("--allocation", help="layer-wise sparsity: uniform (default) | owl | explicit")
-    p.add_argument("--owl-m", dest="owl_m", type=float, help="OWL outlier threshold M (default 7)")
-    p.add_argument("--owl-lambda", dest="owl_lambda", type=float, help="OWL ratio spread lambda (default 0.12)")
-    p.add_argument("--layer-ratios", dest="layer_ratios", type=lambda s: [float(x) for x in s.split(",")],
-                   help="explicit per-layer sparsity, comma-separated (with --allocation explicit)")
-    p.add_argument("--admm-iters", dest="admm_iters", type=int, help="ADMM iterations k (default 20)")
-    p.add_argument("--admm-ks", dest="admm_ks", type=int, help="ADMM-Grad sparsification steps (default 15)")
-    p.add_argument("--admm-rho", dest="admm_rho", type=float, help="ADMM penalty rho (default 1)")
-    p.add_argument("--admm-damp", dest="admm_damp", type=float, help="ADMM dampening, x mean diag(XᵀX) (default 0.1)")
-    p.add_argument("--recon-error", dest="recon_error", action="store_true",
-                   help="report each linear's reconstruction error ‖WX−ŴX‖²/‖WX‖² (collects XᵀX)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (one layer at a time goes there)")
-    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--ppl", type=lambda s: [x for x in s.split(",") if x],
-                   help="also measure perplexity before and after, e.g. wikitext2,c4")
-    p.add_argument("--ppl-seqlen", dest="ppl_seqlen", type=int, help="perplexity window (default: --seqlen)")
-    p.add_argument("--max-windows", dest="max_windows", type=int, help="evaluate only the first K windows")
-    p.add_argument("--out", help="save the pruned model here (HF directory + pruning.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+                   help="keep the original weights under the mask (SparseGPT mask-only); same as --solver none")
+    add_option_flags(p, PruneConfig, skip=("model",))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def prune_config_from_args(opts: dict) -> PruneConfig:
+    """The recipe (if any) overridden by the flags given: one validated ``PruneConfig``."""
+    recipe = opts.pop("recipe", None)
+    data = PruneConfig.load_recipe(recipe) if recipe else {}
+    if opts.pop("no_update", False):
+        if opts.get("solver", "none") != "none":
+            raise LLMPruneError(f"--no-update keeps the original weights, but --solver {opts['solver']} "
+                                "updates them; drop one")
+        opts["solver"] = "none"
+    if "pattern" in opts and "sparsity" not in opts:
+        data.pop("sparsity", None)  # an N:M pattern on the command line replaces a recipe's ratio
+    if "sparsity" in opts and "pattern" not in opts:
+        data.pop("pattern", None)
+    return PruneConfig.from_dict({**data, **opts})
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -56,16 +64,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     opts = vars(args)
     opts.pop("command")
     quiet = opts.pop("quiet", False)
-    recipe = opts.pop("recipe", None)
-    config = PruneConfig.from_yaml(recipe) if recipe else PruneConfig()
-    if opts.pop("no_update", False):
-        opts["solver"] = "none"
-    if "pattern" in opts and "sparsity" not in opts:
-        config.sparsity = None  # an N:M pattern on the command line replaces a recipe's ratio
-    if "sparsity" in opts and "pattern" not in opts:
-        config.pattern = None
-    for k, v in opts.items():
-        setattr(config, k, v)
+    config = prune_config_from_args(opts)
     result = prune(config=config, progress=not quiet)
     print(summary(result.report))
     if config.out:
@@ -127,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # what was being written is already removed (atomic output); no traceback for Ctrl-C
+        print("llmprune: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,54 +1,93 @@
-"""Recipe objects: what to prune and how, validated early, round-tripping to YAML."""
+"""Recipe objects: what to prune and how, validated early, round-tripping to YAML.
+
+``PruneConfig`` is the job's own fields (:class:`JobConfig`) plus the options every method,
+solver and allocator declares at its owner (``SparseGPTOptions``, ``ADMMOptions``,
+``OWLOptions``, ...). Keys stay flat in recipes and flags (``admm_iters``, ``--admm-iters``).
+Every value is type-checked by pydantic: a wrong type, a value out of bounds or an unknown key
+is a one-line :class:`LLMPruneError`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from llmprune.errors import LLMPruneError
-from llmprune.sparsity.allocation import check_layer_ratios, check_owl_bounds
-from llmprune.sparsity.methods import METHODS, SOLVERS
+from llmprune.options import (
+    CommaList,
+    NonNegativeInt,
+    Options,
+    PositiveInt,
+    error_message,
+    validated,
+)
+from llmprune.sparsity.allocation import ALLOCATIONS, check_layer_ratios, check_owl_bounds
+from llmprune.sparsity.methods import METHODS, SOLVERS, option_classes
 from llmprune.sparsity.patterns import Target
 
-ALLOCATIONS = ("uniform", "owl", "explicit")
+# Where the job writes is not part of the recipe: a saved recipe.yaml re-runs elsewhere.
+NOT_IN_RECIPE = ("out", "overwrite")
 
 
-@dataclass
-class PruneConfig:
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` where a GPU is available, else ``cpu``; other names unchanged."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _one_of(kind: str, choices) -> Any:
+    """A ``str`` annotation that must name one of ``choices`` (a registry)."""
+    def check(v: str) -> str:
+        if v not in choices:
+            raise ValueError(f"unknown {kind} {v!r}; choose from {', '.join(choices)}")
+        return v
+    return Annotated[str, AfterValidator(check)]
+
+
+class JobConfig(Options):
+    """The job itself: model, method and pattern, data, devices, evaluation and output."""
+
+    model: str = Field("smollm2-135m", description="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
+    method: _one_of("method", METHODS) = Field("wanda", description=f"how weights are chosen: {' | '.join(METHODS)}")
+    sparsity: float | None = Field(None, description="unstructured sparsity in [0, 1), e.g. 0.5")
+    pattern: str | None = Field(None, description="N:M (N kept of every M inputs), e.g. 2:4; or 'unstructured'")
+    solver: _one_of("solver", SOLVERS) | None = Field(None, description=f"weight update after the mask: {' | '.join(SOLVERS)} "
+                                                 "(default: the method's own)")
+    calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
+    nsamples: PositiveInt = Field(128, description="calibration windows")
+    seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
+    seed: NonNegativeInt = Field(0, description="calibration sampling seed")
+    allocation: _one_of("allocation", ALLOCATIONS) = Field("uniform", description=f"layer-wise sparsity: {' | '.join(ALLOCATIONS)}")
+    recon_error: bool = Field(False, strict=True, description="report each linear's reconstruction "
+                                                              "error ‖WX−ŴX‖²/‖WX‖² (collects XᵀX)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (one layer at a time goes there)")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+    trust_remote_code: bool = Field(False, strict=True, description="allow the model's own code from the hub "
+                                                                    "(only for models you trust)")
+    ppl: CommaList = Field(default_factory=list, description="also measure perplexity before and after, "
+                                                             "e.g. wikitext2,c4")
+    ppl_seqlen: PositiveInt | None = Field(None, description="perplexity window (default: seqlen)")
+    max_windows: PositiveInt | None = Field(None, description="evaluate only the first K windows")
+    out: str | None = Field(None, description="save the pruned model here (HF directory + pruning.json)")
+    overwrite: bool = Field(False, strict=True, description="replace a previous llmprune output at --out")
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity_number(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float | str)):
+            raise ValueError(f"sparsity must be a number in [0, 1), not {v!r}")
+        return v
+
+
+# Bases in reverse: pydantic orders fields from the last base, so recipes list the job first.
+class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATIONS.values() if c]])):
     """One pruning job. Every field has the CLI flag of the same name (``_`` → ``-``)."""
-
-    model: str = "smollm2-135m"
-    method: str = "wanda"
-    sparsity: float | None = None  # unstructured ratio; give this or pattern
-    pattern: str | None = None  # "unstructured" or "N:M" (N kept of every M)
-    solver: str | None = None  # None = the method's own (sparsegpt → sparsegpt, others → none)
-    calib: str = "c4"  # wikitext2 | c4 | path to a .txt / .jsonl file
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    blocksize: int = 128
-    percdamp: float = 0.01
-    # layer-wise allocation of the target (issue: OWL)
-    allocation: str = "uniform"  # uniform | owl | explicit
-    owl_m: float = 7.0  # outlier threshold: score > M x layer mean (sweep: docs/owl.md)
-    owl_lambda: float = 0.12  # ratios stay within [S - lambda, S + lambda]
-    layer_ratios: list[float] | dict[int, float] | None = None  # explicit per-layer sparsity
-    # ADMM solver / ADMM gradual pruning (issue: ADMM)
-    admm_iters: int = 20
-    admm_ks: int = 15
-    admm_rho: float = 1.0
-    admm_damp: float = 0.1
-    recon_error: bool = False  # collect XᵀX for any method, to report ‖WX − ŴX‖²/‖WX‖² per linear
-    device: str = "auto"
-    dtype: str = "auto"
-    ppl: list[str] = field(default_factory=list)  # measure these perplexities before and after
-    ppl_seqlen: int | None = None  # default: seqlen
-    max_windows: int | None = None  # evaluate only the first K windows (None = all)
-    out: str | None = None
-    overwrite: bool = False
 
     @property
     def is_nm(self) -> bool:
@@ -65,20 +104,10 @@ class PruneConfig:
         return self.is_nm or self.sparsity is not None
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            import torch
+        return resolve_device(self.device)
 
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    def validate(self) -> PruneConfig:
-        """Raise :class:`LLMPruneError` naming the bad field and how to fix it."""
-        if self.method not in METHODS:
-            raise LLMPruneError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.solver is not None and self.solver not in SOLVERS:
-            raise LLMPruneError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
-        if self.sparsity is not None and (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float)):
-            raise LLMPruneError(f"sparsity must be a number in [0, 1), not {self.sparsity!r}")
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneConfig:
         self._validate_allocation()
         if self.has_target or self.allocation != "explicit":
             target = self.target  # parses pattern / sparsity and raises on bad values
@@ -87,84 +116,87 @@ class PruneConfig:
                                     f"but --sparsity {self.sparsity} was also given; drop one")
             if self.allocation == "owl":
                 check_owl_bounds(target.sparsity, self.owl_lambda)
-        for name in ("nsamples", "seqlen", "blocksize"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise LLMPruneError(f"{name} must be a positive integer, got {v!r}")
-        if self.ppl_seqlen is not None and self.ppl_seqlen < 1:
-            raise LLMPruneError(f"ppl_seqlen must be a positive integer, got {self.ppl_seqlen!r}")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise LLMPruneError(f"max_windows must be a positive integer, got {self.max_windows!r}")
-        if not (0 <= self.percdamp):
-            raise LLMPruneError(f"percdamp must be ≥ 0, got {self.percdamp}")
-        for name in ("admm_iters", "admm_ks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise LLMPruneError(f"{name} must be a positive integer, got {v!r}")
-        if self.method == "admm-grad" and self.admm_ks > self.admm_iters:
-            raise LLMPruneError(f"admm_ks ({self.admm_ks}) must be ≤ admm_iters ({self.admm_iters}): "
-                                "the mask has to be final before the last ADMM iteration")
-        if not (isinstance(self.admm_rho, int | float) and self.admm_rho > 0):
-            raise LLMPruneError(f"admm_rho must be > 0, got {self.admm_rho!r}")
-        if not (isinstance(self.admm_damp, int | float) and self.admm_damp >= 0):
-            raise LLMPruneError(f"admm_damp must be ≥ 0, got {self.admm_damp!r}")
-        if self.out is not None:
-            out = Path(self.out)
-            if out.exists() and (not out.is_dir() or any(out.iterdir())) and not self.overwrite:
-                raise LLMPruneError(f"output {out} exists and is not empty; pass --overwrite or choose another --out")
+        method = METHODS[self.method]
+        if method.check is not None:
+            method.check(method.options.pick(self))
         return self
 
     def _validate_allocation(self) -> None:
-        """``allocation``, OWL's M and λ, and explicit ``layer_ratios`` (their count against the
-        model's layers is checked once the model is loaded, before any calibration)."""
-        if self.allocation not in ALLOCATIONS:
-            raise LLMPruneError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-        for name in ("owl_m", "owl_lambda"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise LLMPruneError(f"{name} must be a number, got {v!r}")
-        if not self.owl_m > 0:
-            raise LLMPruneError(f"owl_m must be > 0 (outliers are scores above M x the layer mean), got {self.owl_m}")
-        if not self.owl_lambda >= 0:
-            raise LLMPruneError(f"owl_lambda must be ≥ 0 (layer sparsities stay within S ± lambda), got {self.owl_lambda}")
+        """OWL's bounds and explicit ``layer_ratios`` (their count against the model's layers is
+        checked once the model is loaded, before any calibration)."""
         if self.allocation == "explicit":
             if self.layer_ratios is None:
                 raise LLMPruneError("--allocation explicit needs --layer-ratios (one sparsity per layer)")
-            m = self.target.m if self.is_nm else None
-            check_layer_ratios(self.layer_ratios, m=m)
+            check_layer_ratios(self.layer_ratios, m=self.target.m if self.is_nm else None)
             if isinstance(self.layer_ratios, dict) and not self.has_target:
                 raise LLMPruneError("layer_ratios as a map sets only some layers; give --sparsity for "
                                     "the others (or --pattern N:M)")
         elif self.layer_ratios is not None:
             raise LLMPruneError(f"--layer-ratios is only used with --allocation explicit (not {self.allocation})")
 
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise LLMPruneError(error_message(e, type(self).model_fields)) from None
+
+    def validate(self) -> PruneConfig:
+        """Check every field again (after attribute assignments); raise :class:`LLMPruneError`."""
+        validated(type(self), self.model_dump())
+        return self
+
+    def replace(self, **changes: Any) -> PruneConfig:
+        """A validated copy with ``changes`` applied (unknown keys are errors)."""
+        return validated(type(self), {**self.model_dump(), **changes})
+
+    def options_for(self, *owners: type[Options] | None) -> dict[type[Options], Options]:
+        """The typed options of each owner (e.g. the method's and the solver's)."""
+        return {c: c.pick(self) for c in owners if c is not None}
+
     # --- YAML recipes -------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump({"llmprune": self.to_dict()}, sort_keys=False)
+    def to_yaml(self, path: str | Path | None = None, recipe_only: bool = False) -> str:
+        """The recipe as YAML; ``recipe_only`` leaves out where it was written (``out``)."""
+        data = self.model_dump(exclude=set(NOT_IN_RECIPE) if recipe_only else None)
+        text = yaml.safe_dump({"llmprune": data}, sort_keys=False, allow_unicode=True)
         if path is not None:
             Path(path).write_text(text)
         return text
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneConfig:
-        d = d.get("llmprune", d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise LLMPruneError(f"unknown recipe keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+        d = d.get("llmprune", d) if isinstance(d, dict) else d
+        if not isinstance(d, dict):
+            raise LLMPruneError(f"a recipe must be a mapping of option: value, got {type(d).__name__}")
+        return validated(cls, d)
+
+    @classmethod
+    def load_recipe(cls, path_or_text: str | Path) -> dict:
+        """The raw mapping of a recipe file (or a saved model directory's ``recipe.yaml``, or YAML
+        text), not yet validated: flags may still override it."""
+        p = Path(path_or_text).expanduser()
+        if p.is_dir():
+            p = p / "recipe.yaml"
+        looks_like_file = p.suffix in (".yaml", ".yml") or p.is_file()
+        try:
+            text = p.read_text(encoding="utf-8") if looks_like_file else str(path_or_text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise LLMPruneError(f"cannot read recipe {p}: {e}") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise LLMPruneError(f"recipe {p if looks_like_file else '(text)'} is not valid YAML{at}: "
+                                f"{getattr(e, 'problem', e)}") from None
+        if isinstance(data, dict) and "llmprune" in data:
+            data = data["llmprune"]
+        if not isinstance(data, dict):
+            raise LLMPruneError(f"recipe {p} must be a YAML mapping of option: value")
+        return data
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path) -> PruneConfig:
-        p = Path(path_or_text)
-        try:
-            text = p.read_text() if p.suffix in (".yaml", ".yml") or p.is_file() else str(path_or_text)
-        except OSError as e:
-            raise LLMPruneError(f"cannot read recipe {p}: {e}") from e
-        data = yaml.safe_load(text)
-        if not isinstance(data, dict):
-            raise LLMPruneError(f"recipe {p} must be a YAML mapping")
-        return cls.from_dict(data)
+        return cls.from_dict(cls.load_recipe(path_or_text))

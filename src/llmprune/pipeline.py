@@ -6,32 +6,40 @@ done before the model is loaded or any weight changes.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llmprune.config import PruneConfig
+from llmprune.config import PruneConfig, resolve_device
 from llmprune.data.calibration import calibration_windows
-from llmprune.data.sources import check_available, load_corpus
+from llmprune.data.sources import Corpus, check_available, load_corpus
+from llmprune.engine.memory import GiB, available_bytes, estimate_bytes
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import check_eval_data
 from llmprune.eval.perplexity import evaluate as evaluate_ppl
 from llmprune.eval.sparsity import measure_sparsity
-from llmprune.export.save import ALLOCATION_PLOT, save_pruned
+from llmprune.export.save import (
+    ALLOCATION_PLOT,
+    check_output_dir,
+    output_lock,
+    save_pruned,
+    update_report,
+)
 from llmprune.models.layers import context_length, decoder_layers, linear_layers
 from llmprune.models.loading import check_model_exists, load_model
 from llmprune.report import allocation_plot
 from llmprune.sparsity.allocation import OWLAllocator, explicit_targets, weighted_mean
-from llmprune.sparsity.methods import required_stats
+from llmprune.sparsity.methods import METHODS, SOLVERS, required_stats
 from llmprune.sparsity.patterns import Target
 
 
@@ -54,11 +62,6 @@ def _versions() -> dict:
 
     return {"llmprune": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def method_options(config: PruneConfig) -> dict:
-    """Settings only some methods / solvers read, passed through the engine untouched."""
-    return {k: getattr(config, k) for k in ("admm_iters", "admm_ks", "admm_rho", "admm_damp")}
 
 
 def check_model_fits(model: nn.Module, config: PruneConfig, needs_data: bool) -> None:
@@ -112,6 +115,193 @@ def allocation_report(config: PruneConfig, layer_report: list[dict]) -> dict:
     return out
 
 
+# --- the stages of a one-shot job -------------------------------------------------------------
+@dataclass
+class Job:
+    """What the stages of one job hand to each other (see :data:`ONESHOT`)."""
+
+    config: PruneConfig
+    model: nn.Module | str | None = None
+    tokenizer: object = None
+    ids: torch.Tensor | None = None  # (nsamples, seqlen) calibration windows
+    progress: bool = True
+    device: str = "cpu"
+    needs_data: bool = False
+    allocator: OWLAllocator | None = None
+    corpus: Corpus | None = None  # calibration text, read and decoded before the model loads
+    targets: list[Target] | None = None
+    plan: LayerPlan | None = None
+    layer_report: list[dict] = field(default_factory=list)
+    ppl: dict[str, dict] = field(default_factory=lambda: {"before": {}, "after": {}})
+    timings: dict[str, float] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    saved: Path | None = None
+    cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+
+def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: frozenset[str]) -> None:
+    """Refuse calibration settings whose activations and statistics will not fit, with numbers."""
+    parts = estimate_bytes(model, config.nsamples, config.seqlen, needs)
+    free = available_bytes(device)
+    total = sum(parts.values())
+    if free is not None and total > 0.9 * free:
+        detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items())
+        raise LLMPruneError(
+            f"pruning needs about {total / GiB:.2f} GiB on {device} ({detail} GiB) but only "
+            f"{free / GiB:.2f} GiB is free; lower --nsamples ({config.nsamples}) or --seqlen "
+            f"({config.seqlen})")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before anything loads."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LLMPruneError(f"--device {device}: no CUDA GPU is available here (torch "
+                                f"{torch.__version__}); use --device cpu or auto")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise LLMPruneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device not in ("cpu", "mps") and not device.startswith("mps"):
+        raise LLMPruneError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def validate(job: Job) -> None:
+    """Everything that can be checked before the model loads: options, data, device, output."""
+    config = job.config.validate()
+    job.device = config.resolved_device()
+    check_device(job.device)
+    job.allocator = make_allocator(config)
+    job.needs_data = bool(required_stats(config.method, config.solver, config.recon_error)
+                          or (job.allocator and job.allocator.needs))
+    if job.ids is not None:
+        if tuple(job.ids.shape) != (config.nsamples, config.seqlen):
+            raise LLMPruneError(f"calib_ids has shape {tuple(job.ids.shape)}, but the config says "
+                                f"nsamples={config.nsamples}, seqlen={config.seqlen}")
+    elif job.needs_data:
+        check_available(config.calib, "train")
+        job.corpus = load_corpus(config.calib, "train")  # decode errors surface before any loading
+    check_eval_data(config.ppl)
+    if config.out:
+        inputs = [config.model] if isinstance(job.model, str | None) else []
+        check_output_dir(config.out, config.overwrite, inputs)
+        job.cleanup.enter_context(output_lock(config.out))
+    if isinstance(job.model, str | None):
+        check_model_exists(config.model)
+    elif job.tokenizer is None and ((job.needs_data and job.ids is None) or config.ppl):
+        raise LLMPruneError("pass tokenizer= along with a loaded model")
+
+
+def load(job: Job) -> None:
+    """Load the model (unless one was given), then check it fits the recipe."""
+    config = job.config
+    if isinstance(job.model, str | None):
+        job.model, job.tokenizer = load_model(config.model, device=job.device, dtype=config.dtype,
+                                              trust_remote_code=config.trust_remote_code)
+    check_model_fits(job.model, config, job.needs_data)
+    # explicit: the list must match the layers
+    job.targets = fixed_targets(config, len(decoder_layers(job.model)))
+
+
+def calibrate(job: Job) -> None:
+    """Tokenise the calibration windows and check their activations fit in memory."""
+    config = job.config
+    if not job.needs_data:
+        return
+    check_memory(job.model, config, job.device,
+                 required_stats(config.method, config.solver, config.recon_error)
+                 | (job.allocator.needs if job.allocator else frozenset()))
+    if job.ids is None:
+        job.ids = calibration_windows(job.corpus, job.tokenizer, config.nsamples, config.seqlen, config.seed)
+        job.corpus = None
+
+
+def evaluate_stage(when: str) -> Callable[[Job], None]:
+    """Perplexity of the model as it is now, stored as ``job.ppl[when]``."""
+    def evaluate(job: Job) -> None:
+        config = job.config
+        if config.ppl:
+            job.ppl[when] = evaluate_ppl(job.model, job.tokenizer, config.ppl,
+                                         config.ppl_seqlen or config.seqlen, config.max_windows,
+                                         job.progress)
+    evaluate.__name__ = f"ppl_{when}"
+    return evaluate
+
+
+def plan(job: Job) -> None:
+    config = job.config
+    method = METHODS[config.method]
+    solver = SOLVERS[config.solver or method.default_solver]
+    job.plan = LayerPlan(config.method, job.targets, config.solver,
+                         options=config.options_for(method.options, solver.options),
+                         allocator=job.allocator, recon_error=config.recon_error)
+
+
+def run(job: Job) -> None:
+    job.layer_report = run_sequential(job.model, job.ids, job.plan, job.device, job.progress)
+
+
+def build_report(job: Job) -> dict:
+    config, model = job.config, job.model
+    sparsity = measure_sparsity(model)
+    return {
+        "versions": _versions(),
+        "recipe": config.to_dict(),
+        "model": {"name": config.model, "class": type(model).__name__,
+                  "layers": len(decoder_layers(model)), "prunable_params": sparsity["params"]},
+        "device": job.device,
+        "target": str(config.target) if config.has_target else "explicit",
+        "sparsity": sparsity["overall"],
+        "allocation": allocation_report(config, job.layer_report),
+        "layers": job.layer_report,
+        "ppl": job.ppl,
+        "timings": job.timings,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def save(job: Job) -> None:
+    """Write the pruned model (before the final evaluation, so a failure there loses nothing)."""
+    config = job.config
+    job.report = build_report(job)
+    if not config.out:
+        return
+    extra = {}
+    if config.allocation != "uniform":
+        png = allocation_plot(job.report["allocation"], title=f"{Path(config.model).name} {config.method}")
+        if png is None:
+            print("matplotlib is not installed; skipping the allocation plot "
+                  "(pip install matplotlib)", file=sys.stderr)
+        else:
+            extra[ALLOCATION_PLOT] = png
+            job.report["allocation"]["plot"] = ALLOCATION_PLOT
+    job.saved = save_pruned(job.model, job.tokenizer, config.out, job.report,
+                            config.to_yaml(recipe_only=True), config.overwrite, extra_files=extra)
+
+
+def report(job: Job) -> None:
+    """Final numbers into the report, and into the saved ``pruning.json``."""
+    job.report.update(ppl=job.ppl, timings=job.timings, peak_rss_mb=peak_rss_mb())
+    if job.saved is not None:
+        update_report(job.saved, job.report)
+
+
+# validate → load → calibrate → evaluate → plan → run → save → evaluate → report
+ONESHOT: tuple[Callable[[Job], None], ...] = (
+    validate, load, calibrate, evaluate_stage("before"), plan, run, save, evaluate_stage("after"), report,
+)
+
+
+def run_stages(job: Job, stages: tuple[Callable[[Job], None], ...]) -> Job:
+    """Run ``stages`` in order, timing each as ``<name>_s`` in ``job.timings``."""
+    with job.cleanup:
+        for stage in stages:
+            t0 = time.perf_counter()
+            stage(job)
+            if stage not in (validate, plan, report):
+                job.timings[f"{stage.__name__}_s"] = time.perf_counter() - t0
+    return job
+
+
 def prune(model: str | nn.Module | None = None, config: PruneConfig | None = None,
           tokenizer=None, progress: bool = True, calib_ids: torch.Tensor | None = None,
           **overrides) -> PruneResult:
@@ -122,94 +312,12 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
     ``calib_ids`` are precomputed ``(nsamples, seqlen)`` calibration windows (e.g. shared by
     the runs of a benchmark); without them they are drawn from ``config.calib``.
     """
-    config = dataclasses.replace(config or PruneConfig())
-    for k, v in overrides.items():
-        if not hasattr(config, k):
-            raise LLMPruneError(f"unknown prune option {k!r}")
-        setattr(config, k, v)
+    config = config or PruneConfig()
     if isinstance(model, str):
-        config.model = model
-    config.validate()
-    allocator = make_allocator(config)
-    needs_data = bool(required_stats(config.method, config.solver, config.recon_error) or (allocator and allocator.needs))
-    if calib_ids is not None:
-        if tuple(calib_ids.shape) != (config.nsamples, config.seqlen):
-            raise LLMPruneError(f"calib_ids has shape {tuple(calib_ids.shape)}, but the config says "
-                                f"nsamples={config.nsamples}, seqlen={config.seqlen}")
-    elif needs_data:
-        check_available(config.calib, "train")
-    check_eval_data(config.ppl)
-    device = config.resolved_device()
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    if model is None or isinstance(model, str):
-        check_model_exists(config.model)
-        model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)
-    elif tokenizer is None and ((needs_data and calib_ids is None) or config.ppl):
-        raise LLMPruneError("pass tokenizer= along with a loaded model")
-    timings["load_s"] = time.perf_counter() - t0
-    check_model_fits(model, config, needs_data)
-    ppl_seqlen = config.ppl_seqlen or config.seqlen
-    layers = decoder_layers(model)
-    targets = fixed_targets(config, len(layers))  # explicit: the list must match the layers
-
-    ppl_before = {}
-    if config.ppl:
-        t0 = time.perf_counter()
-        ppl_before = evaluate_ppl(model, tokenizer, config.ppl, ppl_seqlen, config.max_windows, progress)
-        timings["ppl_before_s"] = time.perf_counter() - t0
-
-    ids = calib_ids
-    if needs_data and ids is None:
-        t0 = time.perf_counter()
-        corpus = load_corpus(config.calib, "train")
-        ids = calibration_windows(corpus, tokenizer, config.nsamples, config.seqlen, config.seed)
-        timings["calib_s"] = time.perf_counter() - t0
-
-    plan = LayerPlan(config.method, targets, config.solver, config.blocksize, config.percdamp,
-                     options=method_options(config), allocator=allocator,
-                     recon_error=config.recon_error)
-    t0 = time.perf_counter()
-    layer_report = run_sequential(model, ids, plan, device, progress)
-    timings["prune_s"] = time.perf_counter() - t0
-
-    ppl_after = {}
-    if config.ppl:
-        t0 = time.perf_counter()
-        ppl_after = evaluate_ppl(model, tokenizer, config.ppl, ppl_seqlen, config.max_windows, progress)
-        timings["ppl_after_s"] = time.perf_counter() - t0
-
-    sparsity = measure_sparsity(model)
-    report = {
-        "versions": _versions(),
-        "recipe": config.to_dict(),
-        "model": {"name": config.model, "class": type(model).__name__, "layers": len(layers),
-                  "prunable_params": sparsity["params"]},
-        "device": device,
-        "target": str(config.target) if config.has_target else "explicit",
-        "sparsity": sparsity["overall"],
-        "allocation": allocation_report(config, layer_report),
-        "layers": layer_report,
-        "ppl": {"before": ppl_before, "after": ppl_after},
-        "timings": timings,
-        "peak_rss_mb": peak_rss_mb(),
-    }
-    if config.out:
-        t0 = time.perf_counter()
-        extra = {}
-        if config.allocation != "uniform":
-            png = allocation_plot(report["allocation"], title=f"{Path(config.model).name} {config.method}")
-            if png is None:
-                print("matplotlib is not installed; skipping the allocation plot "
-                      "(pip install matplotlib)", file=sys.stderr)
-            else:
-                extra[ALLOCATION_PLOT] = png
-                report["allocation"]["plot"] = ALLOCATION_PLOT
-        save_pruned(model, tokenizer, config.out, report, config.to_yaml(), config.overwrite,
-                    extra_files=extra)
-        report["timings"]["save_s"] = time.perf_counter() - t0
-    return PruneResult(model, tokenizer, report)
+        overrides["model"] = model
+    config = config.replace(**overrides)
+    job = run_stages(Job(config, model, tokenizer, calib_ids, progress), ONESHOT)
+    return PruneResult(job.model, job.tokenizer, job.report)
 
 
 def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str = ("wikitext2",),
@@ -219,7 +327,7 @@ def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str = ("wi
     names = [d for d in ppl.split(",") if d] if isinstance(ppl, str) else list(ppl)
     check_eval_data(names)
     if isinstance(model, str):
-        dev = PruneConfig(device=device).resolved_device()
+        dev = resolve_device(device)
         model, tokenizer = load_model(model, device=dev, dtype=dtype)
         model.to(dev)
     ctx = context_length(model)

@@ -16,7 +16,9 @@ distribution of the pretrained model (see docs/owl.md).
 
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +29,8 @@ from llmprune.engine.capture import capture_layer_inputs, layer_output
 from llmprune.engine.stats import LayerStats
 from llmprune.models.layers import decoder_layers, linear_layers
 from llmprune.sparsity.allocation import Allocator
-from llmprune.sparsity.methods import prune_weight, required_stats
+from llmprune.sparsity.methods import OptionSet, prune_weight, required_stats
+from llmprune.sparsity.numerics import NumericalWarning
 from llmprune.sparsity.patterns import Target
 from llmprune.sparsity.recon import relative_recon_error
 
@@ -43,9 +46,7 @@ class LayerPlan:
     method: str
     targets: list[Target] | None = None
     solver: str | None = None
-    blocksize: int = 128
-    percdamp: float = 0.01
-    options: dict = field(default_factory=dict)
+    options: OptionSet = field(default_factory=dict)  # typed options by owner; missing = defaults
     allocator: Allocator | None = None
     recon_error: bool = False  # collect XᵀX even if the method needs none, to report the error
 
@@ -86,15 +87,22 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
             target.check_shape(W.shape[1], n)
         group_stats = stats.get(leader) if stats else {}
         t0 = time.perf_counter()
-        results = prune_weight(plan.method, Ws, group_stats, target, solver=plan.solver,
-                               blocksize=plan.blocksize, percdamp=plan.percdamp, **plan.options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NumericalWarning)
+            results = prune_weight(plan.method, Ws, group_stats, target, solver=plan.solver,
+                                   options=plan.options)
         dt = time.perf_counter() - t0
+        notes = [w.message for w in caught if isinstance(w.message, NumericalWarning)]
+        for note in notes:  # e.g. a singular XᵀX solved with more damping: say so, and record it
+            tqdm.write(f"warning: {', '.join(names)}: {note}", file=sys.stderr)
         for n, W, (W_new, keep) in zip(names, Ws, results, strict=True):
             if not torch.isfinite(W_new).all():
                 raise FloatingPointError(f"{n}: pruning produced non-finite weights")
             W_new = W_new.to(W.dtype)
             report[n] = {"shape": list(W.shape), "sparsity": 1 - keep.float().mean().item(),
                          "seconds": dt / len(names), "shared_input_with": leader if leader != n else None}
+            for note in notes:
+                report[n].update(note.record)
             if "xtx" in group_stats:  # the weights as stored, before they overwrite the dense W
                 report[n]["recon_error"] = relative_recon_error(W, W_new, group_stats["xtx"])
             W.copy_(W_new)

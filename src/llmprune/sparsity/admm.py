@@ -35,7 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 
+from llmprune.options import NonNegativeFloat, Options, PositiveFloat, PositiveInt
 from llmprune.sparsity.patterns import Target, nm_mask, unstructured_mask
 
 # The paper's defaults: k = 20 iterations, ks = 15 sparsification steps, ρ = 1, λ = 0.1.
@@ -43,6 +45,15 @@ ADMM_ITERS = 20
 ADMM_KS = 15
 ADMM_RHO = 1.0
 ADMM_DAMP = 0.1
+
+
+class ADMMOptions(Options):
+    """Settings of the ADMM weight update (solver ``admm``) and of ADMM-Grad."""
+
+    admm_iters: PositiveInt = Field(ADMM_ITERS, description="ADMM iterations k")
+    admm_ks: PositiveInt = Field(ADMM_KS, description="ADMM-Grad sparsification steps (≤ --admm-iters)")
+    admm_rho: PositiveFloat = Field(ADMM_RHO, description="ADMM penalty rho")
+    admm_damp: NonNegativeFloat = Field(ADMM_DAMP, description="ADMM dampening, x mean diag(XᵀX)")
 
 # Above this bound on cond(H + λ + ρI) the factorisation is done in fp64 (fp32 keeps ~7 digits).
 FP32_MAX_COND = 1e4

@@ -18,11 +18,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Annotated, ClassVar, Protocol
 
 import torch
+from pydantic import BeforeValidator, Field
 
 from llmprune.errors import LLMPruneError
+from llmprune.options import NonNegativeFloat, Options, PositiveFloat
 from llmprune.sparsity.patterns import Target
 from llmprune.sparsity.scores import wanda_score
 
@@ -46,6 +48,29 @@ class Allocator(Protocol):
     def allocate(self, measures: Sequence[float], params: Sequence[int]) -> list[Target]:
         """One target per layer from every layer's measure and prunable parameter count."""
         ...
+
+
+class OWLOptions(Options):
+    """OWL's settings (``--allocation owl``); defaults from the M x λ sweep in docs/owl.md."""
+
+    owl_m: PositiveFloat = Field(7.0, description="OWL outlier threshold M: scores above M x the layer mean")
+    owl_lambda: NonNegativeFloat = Field(0.12, description="OWL spread lambda: layer sparsities stay within S ± lambda")
+
+
+def _ratio_list(v):
+    # "0.4,0.6" from the command line is the list [0.4, 0.6]
+    return [x.strip() for x in v.split(",")] if isinstance(v, str) else v
+
+
+class ExplicitOptions(Options):
+    """``--allocation explicit``: the user's own sparsity per layer."""
+
+    layer_ratios: Annotated[list[float] | dict[int, float] | None, BeforeValidator(_ratio_list)] = Field(
+        None, description="explicit per-layer sparsity: a list (one per layer) or a map {layer: ratio}")
+
+
+# The allocation kinds and the options each reads (uniform has none).
+ALLOCATIONS: dict[str, type[Options] | None] = {"uniform": None, "owl": OWLOptions, "explicit": ExplicitOptions}
 
 
 # --- OWL: outlier ratios ----------------------------------------------------------------------

@@ -16,28 +16,24 @@ solvers can factor XᵀX once for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from llmprune.sparsity.admm import (
-    ADMM_DAMP,
-    ADMM_ITERS,
-    ADMM_KS,
-    ADMM_RHO,
-    admm_gradual,
-    admm_update,
-)
+from llmprune.options import Options
+from llmprune.sparsity.admm import ADMMOptions, admm_gradual, admm_update
 from llmprune.sparsity.patterns import Target, apply_target
 from llmprune.sparsity.scores import magnitude_score, wanda_score
-from llmprune.sparsity.sparsegpt import sparsegpt
+from llmprune.sparsity.sparsegpt import SparseGPTOptions, sparsegpt
 
 Stats = dict[str, torch.Tensor]
-# (W, stats, target, row_groups, **options) -> (W_new, keep)
-SelectFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-# (W, keep, stats, **options) -> W_new
-UpdateFn = Callable[..., torch.Tensor]
+# (W, stats, target, row_groups, options) -> (W_new, keep)
+SelectFn = Callable[[torch.Tensor, Stats, Target, list[slice], Options | None], tuple[torch.Tensor, torch.Tensor]]
+# (W, keep, stats, options) -> W_new
+UpdateFn = Callable[[torch.Tensor, torch.Tensor, Stats, Options | None], torch.Tensor]
+# Options of each owner type, as a plan carries them; a missing owner gets its defaults.
+OptionSet = Mapping[type[Options], Options]
 
 
 @dataclass(frozen=True)
@@ -48,6 +44,8 @@ class Method:
     select: SelectFn | None = None  # chooses the mask while updating (exclusive with score)
     per: str = "row"  # where an unstructured ratio is enforced: each output row, or the matrix
     default_solver: str = "none"
+    options: type[Options] | None = None  # the settings ``select`` / ``score`` read
+    check: Callable[[Options], None] | None = None  # cross-option rules, run on the recipe
 
 
 @dataclass(frozen=True)
@@ -55,26 +53,32 @@ class Solver:
     name: str
     needs: frozenset[str]
     update: UpdateFn
+    options: type[Options] | None = None
 
 
-def _sparsegpt_select(W, stats, target, row_groups, blocksize=128, percdamp=0.01, **_):
-    return sparsegpt(W, stats["xtx"], target=target, blocksize=blocksize, percdamp=percdamp,
+def _sparsegpt_select(W, stats, target, row_groups, o: SparseGPTOptions):
+    return sparsegpt(W, stats["xtx"], target=target, blocksize=o.blocksize, percdamp=o.percdamp,
                      row_groups=row_groups)
 
 
-def _admm_select(W, stats, target, row_groups, admm_iters=ADMM_ITERS, admm_ks=ADMM_KS,
-                 admm_rho=ADMM_RHO, admm_damp=ADMM_DAMP, **_):
+def _admm_select(W, stats, target, row_groups, o: ADMMOptions):
     # Per matrix, as the reference code ranks the Wanda scores of the whole matrix.
-    return admm_gradual(W, stats["xtx"], target, iters=admm_iters, ks=admm_ks, rho=admm_rho,
-                        damp=admm_damp, per="matrix", row_groups=row_groups)
+    return admm_gradual(W, stats["xtx"], target, iters=o.admm_iters, ks=o.admm_ks, rho=o.admm_rho,
+                        damp=o.admm_damp, per="matrix", row_groups=row_groups)
 
 
-def _sparsegpt_update(W, keep, stats, blocksize=128, percdamp=0.01, **_):
-    return sparsegpt(W, stats["xtx"], mask=keep, blocksize=blocksize, percdamp=percdamp)[0]
+def _admm_grad_check(o: ADMMOptions) -> None:
+    if o.admm_ks > o.admm_iters:
+        raise ValueError(f"admm_ks ({o.admm_ks}) must be ≤ admm_iters ({o.admm_iters}): "
+                         "the mask has to be final before the last ADMM iteration")
 
 
-def _admm_update(W, keep, stats, admm_iters=ADMM_ITERS, admm_rho=ADMM_RHO, admm_damp=ADMM_DAMP, **_):
-    return admm_update(W, stats["xtx"], keep, iters=admm_iters, rho=admm_rho, damp=admm_damp)
+def _sparsegpt_update(W, keep, stats, o: SparseGPTOptions):
+    return sparsegpt(W, stats["xtx"], mask=keep, blocksize=o.blocksize, percdamp=o.percdamp)[0]
+
+
+def _admm_update(W, keep, stats, o: ADMMOptions):
+    return admm_update(W, stats["xtx"], keep, iters=o.admm_iters, rho=o.admm_rho, damp=o.admm_damp)
 
 
 METHODS: dict[str, Method] = {
@@ -83,16 +87,31 @@ METHODS: dict[str, Method] = {
     # Wanda compares weights within each output row (its "per-output" comparison group).
     "wanda": Method("wanda", frozenset({"col_sq"}), lambda W, s: wanda_score(W, s["col_sq"])),
     "sparsegpt": Method("sparsegpt", frozenset({"xtx"}), select=_sparsegpt_select,
-                        default_solver="sparsegpt"),
+                        default_solver="sparsegpt", options=SparseGPTOptions),
     "admm-grad": Method("admm-grad", frozenset({"xtx"}), select=_admm_select, per="matrix",
-                        default_solver="admm"),
+                        default_solver="admm", options=ADMMOptions, check=_admm_grad_check),
 }
 
 SOLVERS: dict[str, Solver] = {
-    "none": Solver("none", frozenset(), lambda W, keep, stats, **_: W * keep),
-    "sparsegpt": Solver("sparsegpt", frozenset({"xtx"}), _sparsegpt_update),
-    "admm": Solver("admm", frozenset({"xtx"}), _admm_update),
+    "none": Solver("none", frozenset(), lambda W, keep, stats, o: W * keep),
+    "sparsegpt": Solver("sparsegpt", frozenset({"xtx"}), _sparsegpt_update, SparseGPTOptions),
+    "admm": Solver("admm", frozenset({"xtx"}), _admm_update, ADMMOptions),
 }
+
+
+def option_classes() -> list[type[Options]]:
+    """Every distinct options type a method or solver declares, in registry order."""
+    seen: list[type[Options]] = []
+    for c in [m.options for m in METHODS.values()] + [s.options for s in SOLVERS.values()]:
+        if c is not None and c not in seen:
+            seen.append(c)
+    return seen
+
+
+def _options(cls: type[Options] | None, options: OptionSet | None) -> Options | None:
+    if cls is None:
+        return None
+    return (options or {}).get(cls) or cls()
 
 
 def required_stats(method: str, solver: str | None, recon_error: bool = False) -> frozenset[str]:
@@ -109,14 +128,12 @@ def prune_weight(
     stats: Stats,
     target: Target,
     solver: str | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    **options,
+    options: OptionSet | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Prune a group of weight matrices that share one input; returns ``[(W_new, keep), ...]``.
 
-    ``W_new`` is fp32 and exactly zero where ``keep`` is False. ``options`` carry
-    method/solver-specific settings (e.g. ``admm_iters``) through to the solver.
+    ``W_new`` is fp32 and exactly zero where ``keep`` is False. ``options`` maps an options type
+    (e.g. :class:`SparseGPTOptions`) to its values; owners not in it run with their defaults.
     """
     m = METHODS[method]
     solver = solver or m.default_solver
@@ -126,20 +143,21 @@ def prune_weight(
         slices.append(slice(start, start + r))
         start += r
     W = torch.cat([w.detach().float() for w in Ws]) if len(Ws) > 1 else Ws[0].detach().float()
-    opts = dict(blocksize=blocksize, percdamp=percdamp, **options)
 
     if m.select is not None:  # mask and update in one pass; its update is the default solver
-        W_new, keep = m.select(W, stats, target, slices, **opts)
+        W_new, keep = m.select(W, stats, target, slices, _options(m.options, options))
         if solver != m.default_solver:
-            W_new = solve(solver, W, keep, stats, **opts)
+            W_new = solve(solver, W, keep, stats, options)
     else:
         keep = torch.cat([apply_target(m.score(W[s], stats), target, per=m.per) for s in slices])
-        W_new = solve(solver, W, keep, stats, **opts)
+        W_new = solve(solver, W, keep, stats, options)
     return [(W_new[s], keep[s]) for s in slices]
 
 
-def solve(solver: str, W: torch.Tensor, keep: torch.Tensor, stats: Stats, **opts) -> torch.Tensor:
+def solve(solver: str, W: torch.Tensor, keep: torch.Tensor, stats: Stats,
+          options: OptionSet | None = None) -> torch.Tensor:
     """Weights for a fixed keep-mask: unchanged (``none``) or reconstructed by a solver."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
-    return SOLVERS[solver].update(W, keep, stats, **opts)
+    s = SOLVERS[solver]
+    return s.update(W, keep, stats, _options(s.options, options))

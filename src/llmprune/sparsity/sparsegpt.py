@@ -12,9 +12,21 @@ makes the stacked call exactly equal to separate calls.
 
 from __future__ import annotations
 
-import torch
+import warnings
 
+import torch
+from pydantic import Field
+
+from llmprune.options import NonNegativeFloat, Options, PositiveInt
+from llmprune.sparsity.numerics import NumericalWarning
 from llmprune.sparsity.patterns import Target
+
+
+class SparseGPTOptions(Options):
+    """Settings of SparseGPT's OBS sweep (as a mask selector and as a weight-update solver)."""
+
+    blocksize: PositiveInt = Field(128, description="SparseGPT block size: columns per lazy batch update")
+    percdamp: NonNegativeFloat = Field(0.01, description="SparseGPT damping, a fraction of mean diag(XᵀX)")
 
 
 def damped_cholesky_inverse(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> torch.Tensor:
@@ -32,6 +44,10 @@ def damped_cholesky_inverse(H: torch.Tensor, percdamp: float, max_tries: int = 6
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0 and torch.isfinite(U).all():
+                if damp != percdamp:
+                    warnings.warn(NumericalWarning(
+                        f"XᵀX is singular with damping {percdamp:g}; solved with {damp:g} x mean diag",
+                        damping=damp), stacklevel=2)
                 return U
         damp = damp * 10 if damp > 0 else 1e-4
     raise FloatingPointError(f"H is not positive definite even with damping {damp / 10:g} x mean diag")

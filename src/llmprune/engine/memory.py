@@ -1,0 +1,54 @@
+"""How much memory the layer-by-layer pass will take, checked before it starts."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from llmprune.models.layers import decoder_layers, linear_layers
+
+GiB = 1024**3
+
+
+def available_bytes(device: str | torch.device) -> int | None:
+    """Memory free for new allocations on ``device`` (None where it cannot be known)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def estimate_bytes(model: nn.Module, nsamples: int, seqlen: int, needs: frozenset[str]) -> dict[str, int]:
+    """Peak extra memory of the pass on the compute device, by part.
+
+    ``activations``: the inputs and outputs of one layer for every calibration row (in the
+    model's dtype); ``statistics``: fp32 XᵀX per linear (an upper bound: linears that share an
+    input share one) plus a solver's working copies of the largest one, or Σx² vectors;
+    ``layer``: one decoder layer's weights, moved to the device.
+    """
+    layer = max(decoder_layers(model), key=lambda L: sum(p.numel() for p in L.parameters()))
+    param = next(model.parameters())
+    width = model.get_input_embeddings().weight.shape[1]
+    ins = [lin.in_features for lin in linear_layers(layer).values()]
+    stats = 0
+    if "xtx" in needs and ins:
+        stats = 4 * (sum(i * i for i in ins) + 3 * max(ins) ** 2)
+    elif "col_sq" in needs:
+        stats = 4 * sum(ins)
+    return {"activations": 2 * nsamples * seqlen * width * param.element_size(),
+            "statistics": stats,
+            "layer": sum(p.numel() * p.element_size() for p in layer.parameters())}
