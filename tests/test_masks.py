@@ -1,11 +1,14 @@
 """Masks as values: MaskLLM's npz layout, checks, comparison, apply, and the ``masks`` command."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
 
 import llmprune
+from llmprune.cli import main
 from llmprune.errors import LLMPruneError
 from llmprune.masks import MaskSet, param_shapes, prunable_names
 from llmprune.masks import files as mfiles
@@ -167,3 +170,52 @@ def test_from_dict_refuses_non_binary():
     MaskSet.from_dict({"w": np.array([[0, 1], [1, 0]], dtype=np.uint8)})
     with pytest.raises(LLMPruneError, match="values other than 0/1"):
         MaskSet.from_dict({"w": np.array([0.5, 1.0])})
+
+
+def test_param_shapes_on_meta_model(tiny_dirs):
+    from llmprune.masks.commands import model_shapes
+
+    shapes = model_shapes(str(tiny_dirs["llama"]))
+    assert shapes == param_shapes(tiny_model("llama"))
+
+
+# -- the command ----------------------------------------------------------------------------
+
+def test_cli_export_apply_inspect(tiny_dirs, tmp_path, capsys):
+    model_dir = str(tiny_dirs["llama"])
+    pruned = tmp_path / "pruned"
+    assert main(["prune", model_dir, "--method", "magnitude", "--pattern", "2:4", "--out", str(pruned), "-q"]) == 0
+    masks = tmp_path / "m.npz"
+    assert main(["masks", "export", str(pruned), "--out", str(masks)]) == 0
+    assert "every mask 2:4" in capsys.readouterr().out
+
+    out = tmp_path / "applied"
+    assert main(["masks", "apply", model_dir, str(masks), "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["masks"]["nm"] == "2:4" and report["sparsity"] == pytest.approx(0.5)
+    assert json.loads((out / "pruning.json").read_text())["masks"]["per_key"]
+    a = MaskSet.load(masks, param_shapes(tiny_model("llama")))
+    from llmprune.models.loading import load_model
+    assert MaskSet.from_model(load_model(str(out))[0]).compare(a)["hamming"] == 0
+
+    assert main(["masks", "inspect", str(masks), "--model", model_dir, "--pattern", "2:4",
+                 "--against", str(masks)]) == 0
+    text = capsys.readouterr().out
+    assert "check 2:4: ok" in text and "agreement 1.0000" in text
+    assert main(["masks", "inspect", str(masks), "--model", model_dir, "--pattern", "1:4"]) == 1
+    assert "violate it" in capsys.readouterr().out
+    assert main(["masks", "inspect", str(masks), "--pattern", "2:4", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["shapes_known"] is False and res["check"]["ok"] is None and "--model" in res["check"]["note"]
+    assert res["sparsity_approx"] == pytest.approx(0.5)
+
+
+def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
+    f = tmp_path / "bad.npz"
+    np.savez_compressed(f, **{"model.layers.0.mlp.down_proj.weight.mask": np.zeros(3, np.uint8)})
+    rc = main(["masks", "apply", str(tiny_dirs["llama"]), str(f), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.layers.0.mlp.down_proj.weight.mask" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.lock").exists()
+    rc = main(["masks", "inspect", str(tmp_path / "missing.npz")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
