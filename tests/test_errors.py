@@ -95,6 +95,11 @@ def test_existing_out_needs_overwrite(tiny_dirs, capsys, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     rc = main(["prune", str(tiny_dirs["llama"]), "--method", "magnitude", "--sparsity", "0.5",
                "--out", str(out), "--overwrite", "-q"])
+    assert rc == 2 and "llmprune did not write" in capsys.readouterr().err  # a foreign dir: never
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "pruning.json").write_text("{}")  # a previous llmprune output: --overwrite replaces it
+    rc = main(["prune", str(tiny_dirs["llama"]), "--method", "magnitude", "--sparsity", "0.5",
+               "--out", str(out), "--overwrite", "-q"])
     assert rc == 0 and (out / "pruning.json").is_file() and not (out / "keep.txt").exists()
 
 

@@ -100,6 +100,73 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _masks_parser(sub) -> None:
+    p = sub.add_parser("masks", help="export, apply or inspect mask files (MaskLLM's .npz layout)")
+    ms = p.add_subparsers(dest="masks_command", required=True)
+    e = ms.add_parser("export", help="write the nonzero pattern of a (pruned) model's linears")
+    e.add_argument("model", help="pruned directory, local HF dir, .gguf file or hub id")
+    e.add_argument("--out", required=True, help="mask file to write, e.g. masks.npz")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    a = ms.add_parser("apply", help="zero a model's weights where a mask file prunes them; save it")
+    a.add_argument("model", help="bundled name, local HF dir, .gguf file or hub id")
+    a.add_argument("masks", help="mask file (.npz, MaskLLM layout)")
+    a.add_argument("--out", required=True, help="directory for the masked model (HF dir + pruning.json)")
+    a.add_argument("--overwrite", action="store_true", help="replace a previous llmprune output at --out")
+    i = ms.add_parser("inspect", help="sparsity, N:M check and agreement of a mask file (exit 1 when a mask breaks --pattern)")
+    i.add_argument("masks", help="mask file (.npz, MaskLLM layout)")
+    i.add_argument("--model", help="model (dir or hub id) whose config gives the shapes; nothing is loaded")
+    i.add_argument("--against", help="another mask file to compare with")
+    i.add_argument("--pattern", help="check every mask: N:M (e.g. 2:4) or a sparsity (e.g. 0.5)")
+    i.add_argument("--tol", type=float, default=0.01, help="tolerance of a sparsity check (default 0.01)")
+    i.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _cmd_masks(args: argparse.Namespace) -> int:
+    from llmprune.masks import commands
+
+    if args.masks_command == "export":
+        res = commands.export_masks(args.model, args.out, args.overwrite)
+        print(f"wrote {res['masks']} masks to {res['file']}: sparsity {res['sparsity']:.4f}"
+              + (f", every mask {res['nm']}" if res["nm"] else ""))
+        return 0
+    if args.masks_command == "apply":
+        report = commands.apply_masks(args.model, args.masks, args.out, args.overwrite)
+        shown = {**report, "masks": {k: v for k, v in report["masks"].items() if k != "per_key"}}
+        print(json.dumps(shown, indent=2))
+        print(f"saved to {args.out} (per-mask summary in {args.out}/pruning.json)", file=sys.stderr)
+        return 0
+    res = commands.inspect_masks(args.masks, args.model, args.against, args.pattern, args.tol)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    check = res.get("check") or {}
+    bad = check.get("violations") or {}
+    against = (res.get("against") or {}).get("per_key", {})
+    for name, r in res["per_key"].items():
+        if res["shapes_known"]:
+            line = f"{name}  {tuple(r['shape'])}  sparsity {r['sparsity']:.4f}  N:M {r['nm'] or '-'}"
+        else:
+            line = f"{name}  {r['packed_bytes']} bytes  kept {r['kept']}  sparsity ~{r['sparsity_approx']:.4f}"
+        if check:
+            line += f"  {check['target']}: {'FAIL ' + bad[name] if name in bad else 'ok' if check.get('ok') is not None else '?'}"
+        if name in against:
+            a = against[name]
+            line += f"  agreement {a.get('agreement', a.get('agreement_approx')):.4f}"
+        print(line)
+    if res["shapes_known"]:
+        print(f"{res['masks']} masks, sparsity {res['sparsity']:.4f}, N:M {res['nm'] or '-'}")
+    else:
+        print(f"{res['masks']} masks, sparsity ~{res['sparsity_approx']:.4f} (shapes unknown: pass --model)")
+    if check:
+        print(f"check {check['target']}: " + (check["note"] if check.get("ok") is None else
+                                               "ok" if check["ok"] else f"{len(bad)} masks violate it"))
+    if "against" in res:
+        a = res["against"]
+        agree = a.get("agreement", a.get("agreement_approx"))
+        print(f"against {a['file']}: {a['common']} common masks, agreement {agree:.4f}, Hamming {a['hamming']}")
+    return 0 if check.get("ok") is not False else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,13 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="summarise a pruned directory's pruning.json")
     r.add_argument("dir")
     r.add_argument("--json", action="store_true", help="print the raw JSON")
+    _masks_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report}[args.command](args)
+        return {"prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}[args.command](args)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,142 @@
+"""What ``llmprune masks export | apply | inspect`` do, as functions returning JSON-able dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmprune.errors import LLMPruneError
+from llmprune.masks import files
+from llmprune.masks.maskset import MaskSet, param_shapes
+from llmprune.sparsity.patterns import Target
+
+
+def _is_gguf(name_or_path: str) -> bool:
+    p = Path(name_or_path).expanduser()
+    return p.is_file() and p.suffix == ".gguf"
+
+
+def model_shapes(name_or_path: str) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a model from its config alone: built on the meta device, no weights
+    read (a ``.gguf`` file has no separate config, so it is loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmprune.models.loading import check_model_exists, load_model, model_source
+
+    check_model_exists(name_or_path)
+    if _is_gguf(name_or_path):
+        return param_shapes(load_model(name_or_path)[0])
+    try:
+        config = AutoConfig.from_pretrained(model_source(name_or_path))
+    except (OSError, ValueError) as e:
+        raise LLMPruneError(f"could not read the config of model {name_or_path!r}: {e}") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return param_shapes(model)
+
+
+def parse_target(pattern: str) -> Target:
+    """``N:M`` (e.g. 2:4) or an unstructured sparsity (e.g. 0.5)."""
+    if ":" in pattern:
+        return Target.parse(pattern, None)
+    try:
+        return Target.unstructured(float(pattern))
+    except ValueError:
+        raise LLMPruneError(f"pattern {pattern!r} is neither N:M (e.g. 2:4) nor a sparsity (e.g. 0.5)") from None
+
+
+def export_masks(model: str, out: str | Path, overwrite: bool = False) -> dict:
+    """Write the nonzero pattern of ``model``'s prunable linears to ``out`` (MaskLLM layout)."""
+    from llmprune.models.loading import check_model_exists, load_model
+
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise LLMPruneError(f"--out {out} is a directory; give a file name such as masks.npz")
+    if out.exists() and not overwrite:
+        raise LLMPruneError(f"{out} exists; pass --overwrite to replace it")
+    if Path(model).expanduser().exists() and out.resolve() == Path(model).expanduser().resolve():
+        raise LLMPruneError(f"--out {out} is the input model; give another file name")
+    if not out.parent.is_dir():
+        raise LLMPruneError(f"directory {out.parent} of --out does not exist")
+    check_model_exists(model)
+    masks = MaskSet.from_model(load_model(model)[0])
+    masks.save(out)
+    return {"file": str(out), **masks.summary()}
+
+
+def apply_masks(model: str, masks: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """Load ``model``, zero what ``masks`` prunes, save a plain HF dir at ``out``; the report."""
+    from llmprune.eval.sparsity import measure_sparsity
+    from llmprune.export.save import check_output_dir, output_lock, save_pruned
+    from llmprune.models.loading import load_model
+
+    check_output_dir(out, overwrite, inputs=[model, masks])
+    packed = files.read_packed(masks)
+    with output_lock(out):
+        if not _is_gguf(model):  # names and sizes checked on the meta model, before loading weights
+            files.unpack(packed, model_shapes(model), source=str(masks))
+        loaded, tok = load_model(model)
+        maskset = MaskSet(files.unpack(packed, param_shapes(loaded), source=str(masks)))
+        maskset.apply(loaded)
+        report = {"kind": "masks", "model": {"name": model, "class": type(loaded).__name__},
+                  "masks": {"file": str(masks), **maskset.summary()},
+                  "sparsity": measure_sparsity(loaded)["overall"]}
+        save_pruned(loaded, tok, out, report, overwrite=overwrite, inputs=[model, masks])
+    return report
+
+
+def _packed_compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
+    """Hamming distance from packed bits alone (padding bits are zero in both)."""
+    common = [n for n in a if n in b]
+    if not common:
+        raise LLMPruneError("the two mask files share no parameter names; nothing to compare")
+    per_key, diff, total = {}, 0, 0
+    for n in common:
+        if a[n].size != b[n].size:
+            raise LLMPruneError(f"key {n + files.SUFFIX!r} has {a[n].size} packed bytes in one file, {b[n].size} in the other")
+        h = int(np.unpackbits(a[n] ^ b[n]).sum())
+        per_key[n] = {"hamming": h, "agreement_approx": 1 - h / (8 * a[n].size)}
+        diff, total = diff + h, total + 8 * a[n].size
+    return {"common": len(common), "only_here": [n for n in a if n not in b],
+            "only_other": [n for n in b if n not in a], "hamming": diff,
+            "agreement_approx": 1 - diff / total, "per_key": per_key}
+
+
+def inspect_masks(path: str | Path, model: str | None = None, against: str | Path | None = None,
+                  pattern: str | None = None, tol: float = 0.01) -> dict:
+    """Summary of a mask file; with ``pattern`` a per-mask check, with ``against`` the agreement.
+
+    Shapes come from ``model``'s config; without it only what the packed bits say is reported
+    (kept counts, sparsity out of 8 x bytes), and an N:M check is not possible.
+    """
+    target = parse_target(pattern) if pattern else None
+    packed = files.read_packed(path)
+    other = files.read_packed(against) if against is not None else None
+    if model is None:
+        stats = files.packed_stats(packed)
+        kept = sum(s["kept"] for s in stats.values())
+        bound = sum(s["numel_max"] for s in stats.values())
+        res = {"file": str(path), "shapes_known": False, "masks": len(stats), "kept": kept,
+               "numel_max": bound, "sparsity_approx": 1 - kept / bound if bound else 0.0, "per_key": stats}
+        if target is not None and target.is_nm:
+            res["check"] = {"target": str(target), "ok": None,
+                            "note": "an N:M check needs each weight's in-features: pass --model"}
+        elif target is not None:
+            bad = {n: f"sparsity about {s['sparsity_approx']:.4f}, not {target.sparsity:g} ± {tol:g}"
+                   for n, s in stats.items() if abs(s["sparsity_approx"] - target.sparsity) > tol}
+            res["check"] = {"target": str(target), "ok": not bad, "violations": bad, "approx": True}
+        if other is not None:
+            res["against"] = {"file": str(against), **_packed_compare(packed, other)}
+        return res
+    shapes = model_shapes(model)
+    masks = MaskSet(files.unpack(packed, shapes, source=str(path)))
+    res = {"file": str(path), "shapes_known": True, "model": model, **masks.summary()}
+    if target is not None:
+        bad = masks.violations(target, tol)
+        res["check"] = {"target": str(target), "ok": not bad, "violations": bad}
+    if other is not None:
+        res["against"] = {"file": str(against),
+                          **masks.compare(MaskSet(files.unpack(other, shapes, source=str(against))))}
+    return res

@@ -1,0 +1,160 @@
+"""A set of keep-masks by parameter name: the value any pruning method hands on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmprune.errors import LLMPruneError
+from llmprune.masks import checks, files
+from llmprune.models.layers import decoder_layers, linear_layers
+from llmprune.sparsity.patterns import Target
+
+
+def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{parameter name: shape}`` of every parameter (a meta-device model works too)."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def prunable_names(model: nn.Module) -> list[str]:
+    """Full parameter names of the weights of every decoder-layer linear, in model order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    out = []
+    for layer in decoder_layers(model):
+        for lin in linear_layers(layer).values():
+            if id(lin.weight) in names:
+                out.append(names[id(lin.weight)])
+    return out
+
+
+def _as_bool(name: str, value) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+    t = t.detach().cpu()
+    if t.dtype != torch.bool:
+        if t.is_floating_point() or t.is_complex() or bool(((t != 0) & (t != 1)).any()):
+            raise LLMPruneError(f"mask {name!r} is {t.dtype} with values other than 0/1; give booleans")
+        t = t.bool()
+    return t
+
+
+class MaskSet(Mapping[str, torch.Tensor]):
+    """``{parameter name: bool keep-tensor}`` (True = the weight stays), on the CPU.
+
+    Holds one byte per weight; files hold one bit (:mod:`llmprune.masks.files`).
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor | np.ndarray]):
+        self._masks = {name: _as_bool(name, m) for name, m in masks.items()}
+
+    # -- Mapping ---------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        return f"MaskSet({len(self)} masks, sparsity {self.sparsity:.4f})"
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, masks: Mapping[str, torch.Tensor | np.ndarray]) -> MaskSet:
+        return cls(masks)
+
+    @classmethod
+    @torch.no_grad()
+    def from_model(cls, model: nn.Module) -> MaskSet:
+        """The nonzero pattern of every prunable decoder linear of ``model``."""
+        params = dict(model.named_parameters())
+        return cls({name: params[name] != 0 for name in prunable_names(model)})
+
+    @classmethod
+    def load(cls, path: str | Path, shapes: Mapping[str, Sequence[int]] | nn.Module) -> MaskSet:
+        """Read a MaskLLM mask file; ``shapes`` (or a model, meta device is fine) give the sizes."""
+        if isinstance(shapes, nn.Module):
+            shapes = param_shapes(shapes)
+        return cls(files.unpack(files.read_packed(path), shapes, source=str(path)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write MaskLLM's layout (``<name>.mask`` = packbits of the flat mask), atomically."""
+        return files.write_packed(path, {n: m.numpy() for n, m in self._masks.items()})
+
+    # -- questions -------------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return sum(m.numel() for m in self._masks.values())
+
+    @property
+    def kept(self) -> int:
+        return sum(int(m.sum()) for m in self._masks.values())
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.kept / self.numel if self.numel else 0.0
+
+    def violations(self, target: Target, tol: float = 0.01) -> dict[str, str]:
+        """``{name: why}`` for every mask that breaks ``target``; empty when all comply."""
+        return {n: why for n, m in self._masks.items() if (why := checks.violation(m, target, tol))}
+
+    def check(self, target: Target, tol: float = 0.01) -> None:
+        """Raise ``LLMPruneError`` naming the first mask that breaks ``target``."""
+        for name, m in self._masks.items():
+            why = checks.violation(m, target, tol)
+            if why:
+                raise LLMPruneError(f"mask {name} breaks {target}: {why}")
+
+    def nm(self) -> tuple[int, int] | None:
+        """The N:M every mask follows (same N and M everywhere), else None."""
+        found = {checks.detect_nm(m) for m in self._masks.values()}
+        return found.pop() if len(found) == 1 and None not in found else None
+
+    def summary(self) -> dict:
+        """Per-mask shape, kept count, sparsity and detected N:M, plus the overall figures."""
+        per_key = {}
+        for name, m in self._masks.items():
+            nm = checks.detect_nm(m)
+            per_key[name] = {"shape": list(m.shape), "kept": int(m.sum()), "numel": m.numel(),
+                             "sparsity": checks.sparsity(m), "nm": f"{nm[0]}:{nm[1]}" if nm else None}
+        nms = {v["nm"] for v in per_key.values()}
+        return {"masks": len(self), "numel": self.numel, "kept": self.kept, "sparsity": self.sparsity,
+                "nm": nms.pop() if len(nms) == 1 else None, "per_key": per_key}
+
+    def compare(self, other: MaskSet) -> dict:
+        """Agreement (share of equal entries) and Hamming distance, per common mask and overall."""
+        common = [n for n in self._masks if n in other]
+        if not common:
+            raise LLMPruneError("the two mask sets share no parameter names; nothing to compare")
+        per_key, diff, total = {}, 0, 0
+        for n in common:
+            a, b = self._masks[n], other[n]
+            if a.shape != b.shape:
+                raise LLMPruneError(f"mask {n} has shape {tuple(a.shape)} here and {tuple(b.shape)} in the other set")
+            h = checks.hamming(a, b)
+            per_key[n] = {"hamming": h, "agreement": 1 - h / a.numel() if a.numel() else 1.0}
+            diff, total = diff + h, total + a.numel()
+        return {"common": len(common), "only_here": [n for n in self._masks if n not in other],
+                "only_other": [n for n in other if n not in self._masks],
+                "hamming": diff, "numel": total, "agreement": 1 - diff / total if total else 1.0,
+                "per_key": per_key}
+
+    # -- action ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero the pruned weights of ``model`` in place; names and shapes are checked first."""
+        params = dict(model.named_parameters())
+        for name, m in self._masks.items():
+            if name not in params:
+                raise LLMPruneError(f"mask {name} names no parameter of {type(model).__name__}")
+            if tuple(params[name].shape) != tuple(m.shape):
+                raise LLMPruneError(f"mask {name} has shape {tuple(m.shape)}, the parameter "
+                                    f"{tuple(params[name].shape)}")
+        for name, m in self._masks.items():
+            p = params[name]
+            p.masked_fill_(~m.to(p.device), 0)  # masked_fill, not multiply: inf/nan weights still become 0
