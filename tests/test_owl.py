@@ -209,9 +209,8 @@ def test_explicit_targets():
     ({"allocation": "explicit", "sparsity": None, "pattern": "2:4", "layer_ratios": [0.3]}, "N:4"),
 ])
 def test_config_rejects_bad_allocation(kw, match):
-    cfg = PruneConfig(**{"sparsity": 0.5, **kw})
     with pytest.raises(LLMPruneError, match=match):
-        cfg.validate()
+        PruneConfig(**{"sparsity": 0.5, **kw}).validate()
 
 
 def test_config_accepts_explicit_without_global_target():

@@ -109,7 +109,7 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
         self._validate_allocation()
-        if self.has_target or self.allocation != "explicit":
+        if self.has_target:  # without one, validate() says what to give (a default config is fine)
             target = self.target  # parses pattern / sparsity and raises on bad values
             if self.is_nm and self.sparsity is not None and abs(target.sparsity - self.sparsity) > 1e-9:
                 raise LLMPruneError(f"--pattern {self.pattern} means sparsity {target.sparsity:g}, "
@@ -143,6 +143,8 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
     def validate(self) -> PruneConfig:
         """Check every field again (after attribute assignments); raise :class:`LLMPruneError`."""
         validated(type(self), self.model_dump())
+        if not self.has_target and self.allocation != "explicit":
+            self.target  # noqa: B018 -- raises "give --sparsity ... or --pattern ..."
         return self
 
     def replace(self, **changes: Any) -> PruneConfig:

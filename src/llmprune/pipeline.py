@@ -165,6 +165,12 @@ def check_device(device: str) -> None:
         raise LLMPruneError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
+def job_inputs(job: Job) -> list[str]:
+    """Paths the job reads, which its output must never replace (non-paths are ignored)."""
+    config = job.config
+    return [*([config.model] if isinstance(job.model, str | None) else []), config.calib, *config.ppl]
+
+
 def validate(job: Job) -> None:
     """Everything that can be checked before the model loads: options, data, device, output."""
     config = job.config.validate()
@@ -182,9 +188,8 @@ def validate(job: Job) -> None:
         job.corpus = load_corpus(config.calib, "train")  # decode errors surface before any loading
     check_eval_data(config.ppl)
     if config.out:
-        inputs = [config.model] if isinstance(job.model, str | None) else []
-        check_output_dir(config.out, config.overwrite, inputs)
-        job.cleanup.enter_context(output_lock(config.out))
+        check_output_dir(config.out, config.overwrite, job_inputs(job))
+        job.cleanup.enter_context(output_lock(config.out))  # held until the report is final
     if isinstance(job.model, str | None):
         check_model_exists(config.model)
     elif job.tokenizer is None and ((job.needs_data and job.ids is None) or config.ppl):
@@ -275,7 +280,8 @@ def save(job: Job) -> None:
             extra[ALLOCATION_PLOT] = png
             job.report["allocation"]["plot"] = ALLOCATION_PLOT
     job.saved = save_pruned(job.model, job.tokenizer, config.out, job.report,
-                            config.to_yaml(recipe_only=True), config.overwrite, extra_files=extra)
+                            config.to_yaml(recipe_only=True), config.overwrite, extra_files=extra,
+                            inputs=job_inputs(job))
 
 
 def report(job: Job) -> None:

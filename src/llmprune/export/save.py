@@ -332,19 +332,3 @@ def save_pruned(model, tokenizer, out: str | Path, report: dict, recipe_yaml: st
         write_json(tmp / REPORT_FILE, report)
     return Path(out)
 
-
-# TEMP shims until the masks branch lands
-def check_output_dir(out, overwrite, inputs=()):
-    from llmprune.errors import LLMPruneError
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LLMPruneError(f"output {out} exists and is not empty; pass --overwrite or choose another --out")
-
-
-@contextlib.contextmanager
-def output_lock(out):
-    yield
-
-
-def update_report(out, report):
-    write_json(Path(out) / REPORT_FILE, report)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BeforeValidator, Field
@@ -57,15 +57,21 @@ class OWLOptions(Options):
     owl_lambda: NonNegativeFloat = Field(0.12, description="OWL spread lambda: layer sparsities stay within S ± lambda")
 
 
-def _ratio_list(v):
-    # "0.4,0.6" from the command line is the list [0.4, 0.6]
-    return [x.strip() for x in v.split(",")] if isinstance(v, str) else v
+def _ratio_list(v: Any) -> Any:
+    # "0.4,0.6" from the command line is the list [0.4, 0.6]; the rest is checked by
+    # check_layer_ratios, whose messages name the bad layer
+    if isinstance(v, str):
+        try:
+            return [float(x) for x in v.split(",")]
+        except ValueError:
+            raise ValueError(f"layer_ratios must be comma-separated numbers, got {v!r}") from None
+    return v
 
 
 class ExplicitOptions(Options):
     """``--allocation explicit``: the user's own sparsity per layer."""
 
-    layer_ratios: Annotated[list[float] | dict[int, float] | None, BeforeValidator(_ratio_list)] = Field(
+    layer_ratios: Annotated[Any, BeforeValidator(_ratio_list)] = Field(
         None, description="explicit per-layer sparsity: a list (one per layer) or a map {layer: ratio}")
 
 
