@@ -194,6 +194,8 @@ def test_cli_export_apply_inspect(tiny_dirs, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["masks"]["nm"] == "2:4" and report["sparsity"] == pytest.approx(0.5)
     assert json.loads((out / "pruning.json").read_text())["masks"]["per_key"]
+    assert main(["report", str(out)]) == 0
+    assert "with masks from" in capsys.readouterr().out
     a = MaskSet.load(masks, param_shapes(tiny_model("llama")))
     from llmprune.models.loading import load_model
     assert MaskSet.from_model(load_model(str(out))[0]).compare(a)["hamming"] == 0

@@ -32,6 +32,10 @@ def format_ppl(ppl: dict) -> list[str]:
 
 def summary(report: dict) -> str:
     """The end-of-run summary: what was done, how sparse, how long, PPL before/after."""
+    if report.get("kind") == "masks":  # written by 'llmprune masks apply'
+        m = report["masks"]
+        return "\n".join([f"model {report['model']['name']} ({report['model']['class']}) with masks from {m['file']}",
+                          f"sparsity of decoder linears: {report['sparsity']:.4f}"])
     r = report["recipe"]
     t = report["timings"]
     lines = [
@@ -133,7 +137,9 @@ def format_recon(layers: list[dict]) -> list[str]:
 def layer_table(report: dict) -> str:
     """Per-layer table: target, OWL outlier ratio if any, achieved sparsity of each linear,
     mean reconstruction error of the layer's linears (when measured), seconds."""
-    names = list(report["layers"][0]["linears"]) if report["layers"] else []
+    if not report.get("layers"):
+        return "(no per-layer record: the masks were applied, not computed)"
+    names = list(report["layers"][0]["linears"])
     lod = bool(report["layers"]) and "outlier_ratio" in report["layers"][0]
     with_recon = any(recon_errors(L) for L in report["layers"])
     head = (f"{'layer':>5} {'target':>7} " + (f"{'outlier%':>8} " if lod else "")
