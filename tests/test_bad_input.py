@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import shutil
 
 import pytest
+import torch
+from torch import nn
 
+import llmprune.eval.placement as placement
 import llmprune.pipeline as pipeline
 from llmprune.cli import main
+from llmprune.data.sources import load_corpus
+from llmprune.data.tokens import eval_token_stream
 from llmprune.errors import LLMPruneError
 from llmprune.models.loading import load_model
 
@@ -134,3 +140,137 @@ def test_good_model_still_loads(tiny_dirs):
     assert tok is not None and type(model).__name__ == "MistralForCausalLM"
 
 
+# ---- 3. perplexity ------------------------------------------------------------------------
+
+class HugeLoss(nn.Module):
+    """A stand-in LM whose every prediction costs ~1000 nats (mean loss above exp's 709.8 limit)."""
+
+    def __init__(self, vocab: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 4)
+        self.vocab = vocab
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, ids, use_cache=False):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        logits[..., 0] = 1000.0  # all mass on token 0; the stream below never has token 0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_huge_loss_gives_inf_not_overflow():
+    r = ppl_mod.perplexity(HugeLoss(), torch.ones(1, 64, dtype=torch.long), 16, progress=False)
+    assert r["ppl"] == math.inf and r["windows"] == 4
+    assert ppl_mod.mean_to_ppl(709.0) == pytest.approx(math.exp(709.0))
+    assert ppl_mod.mean_to_ppl(float("nan")) == math.inf
+
+
+@pytest.mark.parametrize("kw,phrase", [
+    ({"seqlen": 0}, "seqlen must be an integer ≥ 2"),
+    ({"seqlen": -3}, "seqlen must be an integer ≥ 2"),
+    ({"seqlen": 1}, "seqlen must be an integer ≥ 2"),
+    ({"seqlen": 16, "max_windows": 0}, "max_windows must be a positive integer"),
+    ({"seqlen": 16, "max_windows": -1}, "max_windows must be a positive integer"),
+])
+def test_bad_window_settings(kw, phrase):
+    with pytest.raises(LLMPruneError, match=phrase):
+        ppl_mod.perplexity(HugeLoss(), torch.ones(1, 64, dtype=torch.long), progress=False, **kw)
+
+
+def _batch_formula(model, ids, seqlen, n, batch_size=4):
+    """The formula before per-window losses: the whole batch's logits in fp32 at once."""
+    windows = ids[:, : n * seqlen].reshape(n, seqlen)
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            batch = windows[i : i + batch_size]
+            logits = model(batch, use_cache=False).logits[:, :-1].float()
+            loss = nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            nll += loss.mean(dim=1).sum().item()
+    return math.exp(nll / n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_window_loss_equals_batch_formula(tokenizer, dtype):
+    from conftest import tiny_model
+
+    model = tiny_model("llama").to(dtype)
+    ids = eval_token_stream(load_corpus("wikitext2", "test"), tokenizer, 32)
+    r = ppl_mod.perplexity(model, ids, 32, max_windows=7, progress=False)
+    assert r["ppl"] == pytest.approx(_batch_formula(model, ids, 32, 7), rel=1e-6)
+
+
+# ---- 5. evaluation on the compute device ----------------------------------------------------
+
+def test_placement_decision(monkeypatch):
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    assert placement.choose_placement(model, None, 4, 32) == "here"
+    assert placement.choose_placement(model, "cpu", 4, 32) == "here"
+    need = placement.module_bytes(model) + placement.workspace_bytes(model, 4, 32) + placement.RESERVE
+    assert placement.module_bytes(model) == sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    probes = []
+
+    def free(dev):
+        probes.append(dev)
+        return free.bytes
+
+    monkeypatch.setattr(placement, "free_device_memory", free)
+    free.bytes = int(need / (1 - placement.MARGIN)) + 1
+    assert placement.choose_placement(model, "cuda:0", 4, 32) == "whole"
+    free.bytes = need  # fits only without the margin: stream the layers
+    assert placement.choose_placement(model, "cuda:0", 4, 32) == "layers"
+    assert probes == [torch.device("cuda", 0)] * 2
+    # bigger logits (batch × seqlen × vocab) need more room
+    free.bytes = int(need / (1 - placement.MARGIN)) + 1
+    assert placement.choose_placement(model, "cuda:0", 4, 64) == "layers"
+
+
+@pytest.mark.parametrize("mode", ["whole", "layers"])
+def test_placed_forward_matches_and_restores(tokenizer, monkeypatch, mode):
+    from conftest import tiny_model
+
+    model = tiny_model("qwen2")
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    ids = eval_token_stream(load_corpus("wikitext2", "test"), tokenizer, 32)
+    here = ppl_mod.perplexity(model, ids, 32, max_windows=5, progress=False)
+
+    moved = []
+    orig_enter = placement._Swap.enter
+
+    def spy(self):
+        moved.append(len(self.params))
+        orig_enter(self)
+
+    monkeypatch.setattr(placement._Swap, "enter", spy)
+    monkeypatch.setattr(ppl_mod, "choose_placement", lambda *a: mode)
+    there = ppl_mod.perplexity(model, ids, 32, max_windows=5, progress=False, device="cpu")
+    assert there["ppl"] == pytest.approx(here["ppl"], rel=1e-6)
+    n_layers = model.config.num_hidden_layers
+    # whole: one swap of every parameter; layers: the rest once, then each layer per batch (2 batches)
+    assert moved == ([len(before)] if mode == "whole" else [moved[0]] + [moved[1]] * (2 * n_layers))
+    assert all(p.data_ptr() == before[n] for n, p in model.named_parameters())  # the very same tensors
+    for layer in model.model.layers:
+        assert not layer._forward_hooks and not layer._forward_pre_hooks
+
+
+def test_failed_forward_leaves_no_hooks_and_no_swap(monkeypatch):
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    states = []
+    orig_exit = placement._Swap.exit
+
+    def spy_exit(self):
+        states.append(self.active)
+        orig_exit(self)
+
+    monkeypatch.setattr(placement._Swap, "exit", spy_exit)
+    model.model.layers[1].mlp.register_forward_hook(lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError), placement.placed(model, "cpu", "layers"):
+        model(torch.ones(1, 8, dtype=torch.long))
+    # the rest and layer 1 (interrupted mid-forward) were swapped back by the cleanup
+    assert states == [True, True, True] and not model.model.layers[1]._forward_pre_hooks
