@@ -6,6 +6,7 @@ equal to the batch formula, and the forward on a chosen device.
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import math
@@ -18,7 +19,7 @@ from torch import nn
 import llmprune.eval.placement as placement
 import llmprune.pipeline as pipeline
 from llmprune.cli import main
-from llmprune.data.sources import load_corpus
+from llmprune.data.sources import load_corpus, read_file
 from llmprune.data.tokens import eval_token_stream
 from llmprune.errors import LLMPruneError
 from llmprune.models.loading import load_model
@@ -140,6 +141,68 @@ def test_good_model_still_loads(tiny_dirs):
     assert tok is not None and type(model).__name__ == "MistralForCausalLM"
 
 
+# ---- 2. data files ------------------------------------------------------------------------
+
+def _gz(text: str) -> bytes:
+    return gzip.compress(text.encode())
+
+
+GOOD_JSONL = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(50))
+
+BAD_FILES = [
+    ("bin.txt", b"hello\n\x00\x01\x02\xff\xfe binary", "line 2", "binary"),
+    ("latin1.txt", "one\ntwo\ncaf\u00e9 au lait\n".encode("latin-1"), "line 3", "not UTF-8"),
+    ("latin1.jsonl", (json.dumps({"text": "ok"}) + '\n{"text": "caf\u00e9"}\n').encode("latin-1"),
+     "line 2", "not UTF-8"),
+    ("corrupt.jsonl.gz", b"\x1f\x8b\x08\x00garbage that is not deflate" * 3, "line 1", "corrupt or truncated gzip"),
+    ("notgz.json.gz", b'{"text": "plain, not gzipped"}\n', "line 1", "corrupt or truncated gzip"),
+    ("truncated.json.gz", _gz(GOOD_JSONL)[:200], "line", "corrupt or truncated gzip"),
+    ("list.jsonl", b'{"text": "ok"}\n["a", "list"]\n', "line 2", "got a list"),
+    ("number.jsonl", b'{"text": "ok"}\n\n{"text": 5}\n', "line 3", '"text" must be a string, got int'),
+    ("null.jsonl", b'{"text": null}\n', "line 1", '"text" must be a string, got NoneType'),
+    ("missing.jsonl", b'{"text": "ok"}\n{"content": "x"}\n', "line 2", 'no "text" field (keys: content)'),
+    ("badjson.jsonl", b'{"text": "ok"}\n{"text": "unterminated\n', "line 2", "not valid JSON"),
+    ("empty.jsonl", b"\n\n", "", "holds no documents"),
+    ("empty.txt", b"", "", "holds no text"),
+]
+
+
+@pytest.mark.parametrize("name,content,where,phrase", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_data_file(tmp_path, name, content, where, phrase):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(LLMPruneError) as e:
+        read_file(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and where in msg and phrase in msg, msg
+
+
+@pytest.mark.parametrize("name,content,where,phrase", BAD_FILES[:7], ids=[b[0] for b in BAD_FILES[:7]])
+def test_bad_eval_file_fails_before_the_model_loads(tiny_dirs, tmp_path, capsys, no_model_load,
+                                                    name, content, where, phrase):
+    p = tmp_path / name
+    p.write_bytes(content)
+    line = one_line_error(capsys, main(["eval", str(tiny_dirs["llama"]), "--ppl", f"wikitext2,{p}", *EVAL]))
+    assert name in line and phrase in line
+
+
+def test_good_files_read_as_before(tmp_path):
+    p = tmp_path / "docs.jsonl.gz"
+    p.write_bytes(_gz(GOOD_JSONL))
+    c = read_file(p)
+    assert c.kind == "docs" and len(c.pieces) == 50 and c.pieces[3].startswith("document 3 ")
+    t = tmp_path / "plain.txt"
+    t.write_bytes("\ufeffa caf\u00e9\r\n\r\nb\n".encode())
+    assert read_file(t).pieces == ["a caf\u00e9\n", "", "b\n"]
+
+
+def test_wikitext_reads_as_read_text_did(shared_data):
+    from llmprune.data.sources import _wikitext_rows
+
+    path = shared_data / "wikitext-2-raw" / "wiki.test.raw"
+    assert load_corpus("wikitext2", "test").pieces == _wikitext_rows(path.read_text(encoding="utf-8"))
+
+
 # ---- 3. perplexity ------------------------------------------------------------------------
 
 class HugeLoss(nn.Module):
@@ -201,6 +264,65 @@ def test_per_window_loss_equals_batch_formula(tokenizer, dtype):
     assert r["ppl"] == pytest.approx(_batch_formula(model, ids, 32, 7), rel=1e-6)
 
 
+# ---- 4. llmprune eval ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--seqlen", "0"], "seqlen must be an integer ≥ 2"),
+    (["--seqlen", "-5"], "seqlen must be an integer ≥ 2"),
+    (["--max-windows", "0"], "max_windows must be a positive integer"),
+    (["--max-windows", "-1"], "max_windows must be a positive integer"),
+    (["--ppl", ","], "no evaluation data given"),
+    (["--ppl", ""], "no evaluation data given"),
+    (["--ppl", "/no/such/eval.txt"], "does not exist"),
+    (["--device", "cuda:99"], "cuda:99"),
+    (["--device", "tpu-ish"], "unknown device"),
+])
+def test_eval_bad_options_fail_before_loading(tiny_dirs, args, phrase, capsys, tmp_path, no_model_load):
+    out = tmp_path / "r.json"
+    line = one_line_error(capsys, main(["eval", str(tiny_dirs["llama"]), "-q", *args, "--json", str(out)]))
+    assert phrase in line
+    assert list(tmp_path.iterdir()) == []  # --json was probed and removed again
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "is_dir", "read_only"])
+def test_eval_unwritable_json_fails_before_loading(tiny_dirs, tmp_path, capsys, no_model_load, where):
+    import os
+
+    target = {"missing_dir": tmp_path / "no" / "such" / "r.json", "is_dir": tmp_path}.get(where)
+    if where == "read_only":
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        if os.access(ro, os.W_OK):  # root ignores permissions
+            pytest.skip("running as root")
+        target = ro / "r.json"
+    line = one_line_error(capsys, main(["eval", str(tiny_dirs["llama"]), *EVAL, "--json", str(target)]))
+    assert "--json" in line
+    assert not (tmp_path / "no").exists()
+
+
+def test_eval_json_written_whole(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    assert main(["eval", str(tiny_dirs["llama"]), *EVAL, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["ppl"]["wikitext2"]["windows"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+
+
+@pytest.mark.parametrize("flag,expected", [([], False), (["--trust-remote-code"], True)])
+def test_eval_trust_remote_code_reaches_load_model(tiny_dirs, monkeypatch, capsys, flag, expected):
+    seen = {}
+
+    def fake_load(name, **kw):
+        seen.update(kw)
+        raise LLMPruneError("stop here")
+
+    monkeypatch.setattr(pipeline, "load_model", fake_load)
+    one_line_error(capsys, main(["eval", str(tiny_dirs["llama"]), *EVAL, *flag]))
+    assert seen["trust_remote_code"] is expected
+
+
 # ---- 5. evaluation on the compute device ----------------------------------------------------
 
 def test_placement_decision(monkeypatch):
@@ -255,6 +377,19 @@ def test_placed_forward_matches_and_restores(tokenizer, monkeypatch, mode):
     assert all(p.data_ptr() == before[n] for n, p in model.named_parameters())  # the very same tensors
     for layer in model.model.layers:
         assert not layer._forward_hooks and not layer._forward_pre_hooks
+
+
+def test_eval_passes_the_device(tiny_dirs, monkeypatch, capsys):
+    seen = []
+    real = ppl_mod.perplexity
+
+    def spy(*a, **k):
+        seen.append(k.get("device"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppl_mod, "perplexity", spy)
+    assert main(["eval", str(tiny_dirs["llama"]), *EVAL, "--device", "cpu"]) == 0
+    assert seen == ["cpu"]
 
 
 def test_failed_forward_leaves_no_hooks_and_no_swap(monkeypatch):

@@ -23,8 +23,9 @@ from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import check_available, load_corpus
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
-from llmprune.eval.perplexity import check_eval_data
+from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_names
 from llmprune.eval.perplexity import evaluate as evaluate_ppl
+from llmprune.eval.placement import check_device
 from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import ALLOCATION_PLOT, save_pruned
 from llmprune.models.layers import context_length, decoder_layers, linear_layers
@@ -214,17 +215,22 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
 
 def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str = ("wikitext2",),
              seqlen: int = 2048, max_windows: int | None = None, device: str = "auto",
-             dtype: str = "auto", progress: bool = True) -> dict:
-    """Perplexity of a model (a name/path or a loaded model + tokenizer) on each dataset."""
-    names = [d for d in ppl.split(",") if d] if isinstance(ppl, str) else list(ppl)
-    check_eval_data(names)
+             dtype: str = "auto", progress: bool = True, trust_remote_code: bool = False) -> dict:
+    """Perplexity of a model (a name/path or a loaded model + tokenizer) on each dataset.
+
+    Every argument and every evaluation file is checked before the model loads. The forward
+    runs on ``device`` (``auto``: CUDA when there is one); a loaded model is back where it was
+    afterwards.
+    """
+    names = eval_names(ppl)
+    check_eval_args(seqlen, max_windows)
+    dev = check_device(PruneConfig(device=device).resolved_device())
+    corpora = check_eval_data(names)
     if isinstance(model, str):
-        dev = PruneConfig(device=device).resolved_device()
-        model, tokenizer = load_model(model, device=dev, dtype=dtype)
-        model.to(dev)
+        model, tokenizer = load_model(model, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
     ctx = context_length(model)
     if ctx is not None and seqlen > ctx:
         raise LLMPruneError(f"seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
-    result = evaluate_ppl(model, tokenizer, names, seqlen, max_windows, progress)
+    result = evaluate_ppl(model, tokenizer, names, seqlen, max_windows, progress, corpora=corpora, device=dev)
     result["_sparsity"] = measure_sparsity(model)["overall"]
     return result
