@@ -221,7 +221,7 @@ def has_tokenizer_files(d: Path) -> bool:
 def check_model_files(name_or_path: str, trust_remote_code: bool = False) -> None:
     """Cheap checks of a local model before its weights load: GGUF magic, config, weight files.
 
-    Hub ids are checked by transformers itself (their files are not here yet).
+    Hub ids have no files here yet; ``load_model`` checks only their config.json.
     """
     p = Path(name_or_path).expanduser()
     if p.is_file():
