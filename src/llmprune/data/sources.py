@@ -190,6 +190,8 @@ def check_available(name_or_path: str, split: str) -> None:
     """Fail fast, before the model loads, when a corpus is neither local nor on the hub.
 
     A corpus that is not on disk is fetched here (``datasets`` caches it for the real use).
+    This does not read a local file; to fail on an undecodable file before the model loads,
+    call :func:`load_corpus` early instead and keep the :class:`Corpus` for later.
     """
     if name_or_path not in NAMES:
         if not Path(name_or_path).expanduser().is_file():
