@@ -73,17 +73,42 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
     from llmprune.pipeline import evaluate
 
+    out = Path(args.json).expanduser() if args.json else None
+    if out is not None:
+        # Fail now, not after an hour of evaluation: open (or create) the file, and remove it
+        # again if this created it, so a failed run leaves nothing behind.
+        existed = out.exists()
+        if out.is_dir():
+            raise LLMPruneError(f"--json {out} is a directory; give a file path")
+        try:
+            out.open("a").close()
+        except OSError as e:
+            raise LLMPruneError(f"cannot write --json {out}: {e.strerror or e}") from None
+        if not existed:
+            out.unlink()
     res = evaluate(args.model, ppl=args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
-                   device=args.device, dtype=args.dtype, progress=not args.quiet)
+                   device=args.device, dtype=args.dtype, progress=not args.quiet,
+                   trust_remote_code=args.trust_remote_code)
     sparsity = res.pop("_sparsity")
     for name, r in res.items():
         print(f"{name}: PPL {r['ppl']:.3f}  ({r['label']}, {r['windows']} x {r['seqlen']} tokens, {r['seconds']:.1f}s)")
     print(f"sparsity of decoder linears: {sparsity:.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "sparsity": sparsity, "ppl": res}, f, indent=2)
+    if out is not None:
+        # Write beside the target and rename: never a half-written JSON file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"model": args.model, "sparsity": sparsity, "ppl": res}, f, indent=2)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return 0
 
 
@@ -179,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                   help="run the model repository's own Python code (auto_map); only for code you trust")
     e.add_argument("-q", "--quiet", action="store_true")
     r = sub.add_parser("report", help="summarise a pruned directory's pruning.json")
     r.add_argument("dir")

@@ -21,12 +21,13 @@ from torch import nn
 
 from llmprune.config import PruneConfig, resolve_device
 from llmprune.data.calibration import calibration_windows
-from llmprune.data.sources import Corpus, check_available, load_corpus
+from llmprune.data.sources import Corpus, load_corpus
 from llmprune.engine.memory import GiB, available_bytes, estimate_bytes
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
-from llmprune.eval.perplexity import check_eval_data
+from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_names
 from llmprune.eval.perplexity import evaluate as evaluate_ppl
+from llmprune.eval.placement import check_device
 from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import (
     ALLOCATION_PLOT,
@@ -129,6 +130,7 @@ class Job:
     needs_data: bool = False
     allocator: OWLAllocator | None = None
     corpus: Corpus | None = None  # calibration text, read and decoded before the model loads
+    eval_corpora: dict[str, Corpus] | None = None  # perplexity text, likewise
     targets: list[Target] | None = None
     plan: LayerPlan | None = None
     layer_report: list[dict] = field(default_factory=list)
@@ -152,19 +154,6 @@ def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: froz
             f"({config.seqlen})")
 
 
-def check_device(device: str) -> None:
-    """Refuse a device this machine does not have, before anything loads."""
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LLMPruneError(f"--device {device}: no CUDA GPU is available here (torch "
-                                f"{torch.__version__}); use --device cpu or auto")
-        index = torch.device(device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise LLMPruneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device not in ("cpu", "mps") and not device.startswith("mps"):
-        raise LLMPruneError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-
-
 def job_inputs(job: Job) -> list[str]:
     """Paths the job reads, which its output must never replace (non-paths are ignored)."""
     config = job.config
@@ -184,9 +173,10 @@ def validate(job: Job) -> None:
             raise LLMPruneError(f"calib_ids has shape {tuple(job.ids.shape)}, but the config says "
                                 f"nsamples={config.nsamples}, seqlen={config.seqlen}")
     elif job.needs_data:
-        check_available(config.calib, "train")
         job.corpus = load_corpus(config.calib, "train")  # decode errors surface before any loading
-    check_eval_data(config.ppl)
+    if config.ppl:
+        check_eval_args(config.ppl_seqlen or config.seqlen, config.max_windows)
+        job.eval_corpora = check_eval_data(config.ppl)  # read once, used before and after
     if config.out:
         check_output_dir(config.out, config.overwrite, job_inputs(job))
         job.cleanup.enter_context(output_lock(config.out))  # held until the report is final
@@ -200,8 +190,9 @@ def load(job: Job) -> None:
     """Load the model (unless one was given), then check it fits the recipe."""
     config = job.config
     if isinstance(job.model, str | None):
-        job.model, job.tokenizer = load_model(config.model, device=job.device, dtype=config.dtype,
-                                              trust_remote_code=config.trust_remote_code)
+        job.model, job.tokenizer = load_model(
+            config.model, device=job.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+            need_tokenizer=(job.needs_data and job.ids is None) or bool(config.ppl))
     check_model_fits(job.model, config, job.needs_data)
     # explicit: the list must match the layers
     job.targets = fixed_targets(config, len(decoder_layers(job.model)))
@@ -227,7 +218,7 @@ def evaluate_stage(when: str) -> Callable[[Job], None]:
         if config.ppl:
             job.ppl[when] = evaluate_ppl(job.model, job.tokenizer, config.ppl,
                                          config.ppl_seqlen or config.seqlen, config.max_windows,
-                                         job.progress)
+                                         job.progress, corpora=job.eval_corpora, device=job.device)
     evaluate.__name__ = f"ppl_{when}"
     return evaluate
 
@@ -328,17 +319,22 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
 
 def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str = ("wikitext2",),
              seqlen: int = 2048, max_windows: int | None = None, device: str = "auto",
-             dtype: str = "auto", progress: bool = True) -> dict:
-    """Perplexity of a model (a name/path or a loaded model + tokenizer) on each dataset."""
-    names = [d for d in ppl.split(",") if d] if isinstance(ppl, str) else list(ppl)
-    check_eval_data(names)
+             dtype: str = "auto", progress: bool = True, trust_remote_code: bool = False) -> dict:
+    """Perplexity of a model (a name/path or a loaded model + tokenizer) on each dataset.
+
+    Every argument and every evaluation file is checked before the model loads. The forward
+    runs on ``device`` (``auto``: CUDA when there is one); a loaded model is back where it was
+    afterwards.
+    """
+    names = eval_names(ppl)
+    check_eval_args(seqlen, max_windows)
+    dev = check_device(resolve_device(device))
+    corpora = check_eval_data(names)
     if isinstance(model, str):
-        dev = resolve_device(device)
-        model, tokenizer = load_model(model, device=dev, dtype=dtype)
-        model.to(dev)
+        model, tokenizer = load_model(model, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
     ctx = context_length(model)
     if ctx is not None and seqlen > ctx:
         raise LLMPruneError(f"seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
-    result = evaluate_ppl(model, tokenizer, names, seqlen, max_windows, progress)
+    result = evaluate_ppl(model, tokenizer, names, seqlen, max_windows, progress, corpora=corpora, device=dev)
     result["_sparsity"] = measure_sparsity(model)["overall"]
     return result

