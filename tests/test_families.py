@@ -140,6 +140,51 @@ def test_layers_get_their_own_masks_shared_not_copied(family):
     assert all(not ({"cache", "past_key_values", "use_cache"} & set(k)) for k in kw)
 
 
+class _TupleLayer(torch.nn.Module):
+    """A layer in the transformers 4 style: positional arguments, a tuple out."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states, mask, scale=1.0):
+        return self.lin(hidden_states) * scale + mask, None
+
+
+class _TupleModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.layers = torch.nn.ModuleList(_TupleLayer() for _ in range(3))
+        self.masks = [torch.zeros(8), torch.ones(8)]
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, ids, use_cache=False):
+        h = self.emb(ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.masks[i % 2], scale=i + 1.0)[0]
+        return h
+
+
+def test_capture_names_positional_arguments_and_keeps_tuple_outputs():
+    model, ids = _TupleModel(), torch.randint(0, 16, (3, 5))
+    calls = []
+    model.layers[1].lin.register_forward_pre_hook(lambda m, a: calls.append(1))
+    inps, kw = capture_inputs(model, model.layers, ids, "cpu")
+    assert not calls  # layers after the first are never really run
+    assert [k["scale"] for k in kw] == [1.0, 2.0, 3.0]
+    assert kw[0]["mask"] is kw[2]["mask"] and torch.equal(kw[1]["mask"], torch.ones(8))
+    torch.testing.assert_close(inps, model.emb(ids))
+    with torch.no_grad():
+        h = inps
+        for layer, k in zip(model.layers, kw, strict=True):
+            h = layer(h, **k)[0]
+        torch.testing.assert_close(h, model(ids))
+    assert "forward" not in model.layers[0].__dict__  # the catchers are gone
+
+
 # --- the whole API on every family ------------------------------------------------------------
 CASES = [(f, "wanda", t) for f in FAMILIES for t in ("0.5", "2:4")]
 CASES += [("gemma2", "sparsegpt", "2:4"), ("phi3", "sparsegpt", "0.5"), ("mixtral", "sparsegpt", "0.5")]
