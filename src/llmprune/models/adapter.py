@@ -12,7 +12,7 @@
 
 Each layer's forward arguments (masks, rotary embeddings) are not derived here: the model
 itself is asked, by :func:`llmprune.engine.capture.capture_inputs`, so sliding-window and
-local/global layers get exactly what the model gives them. ``layer_types`` only names them.
+local/global layers (``config.layer_types``) get exactly what the model gives them.
 """
 
 from __future__ import annotations
@@ -86,17 +86,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             if best is None or len(mod) > len(best):
                 best = mod
     if best is None:
+        for mod in lists:
+            err = _conv1d_error(model, mod) if n is None or len(mod) == n else None
+            if err is not None:
+                raise err
         raise LLMPruneError(f"could not find the decoder layers of {type(model).__name__}: no "
                             f"ModuleList of {n} layers with nn.Linear sublayers")
     return best
-
-
-def layer_types(model: nn.Module) -> list[str] | None:
-    """``config.layer_types`` (e.g. sliding / full attention per layer), if the model has it."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    types = getattr(text, "layer_types", None)
-    return list(types) if types is not None else None
 
 
 # --- MoE --------------------------------------------------------------------------------------
