@@ -89,3 +89,58 @@ def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
         tokenizer.save_pretrained(d)
         out[fam] = d
     return out
+
+
+# More families for tests/test_families.py: each with the settings that exercise its special
+# path (sliding-window layers, local/global rotary, fused gate_up, fused MoE experts, LayerNorm
+# + fc1/fc2, parallel residual). 2-4 layers, hidden 64, vocab 512 like the test tokenizer.
+_ALTERNATING = ["sliding_attention", "full_attention"]
+
+
+def family_config(name: str, layers: int = 4):
+    """Config of a tiny random model of family ``name`` (a key of :data:`FAMILY_SPECS`)."""
+    from transformers import AutoConfig
+
+    model_type, extra = FAMILY_SPECS[name]
+    extra = dict(extra)
+    if extra.pop("alternating", False):
+        extra["layer_types"] = [_ALTERNATING[i % 2] for i in range(layers)]
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base.update(extra)
+    return AutoConfig.for_model(model_type, **base)
+
+
+FAMILY_SPECS: dict[str, tuple[str, dict]] = {
+    # Gemma2's default layer_types alternate sliding (even) and full (odd) attention.
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=16, tie_word_embeddings=True)),
+    # Gemma3's default pattern (5 local : 1 global) has no global layer in 4 layers: alternate.
+    "gemma3_text": ("gemma3_text", dict(head_dim=16, sliding_window=16, alternating=True,
+                                        tie_word_embeddings=True)),
+    # Qwen2 with sliding-window attention from layer max_window_layers on.
+    "qwen2_swa": ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=2,
+                                tie_word_embeddings=False)),
+    "qwen3": ("qwen3", dict(head_dim=16, tie_word_embeddings=True)),
+    "phi3": ("phi3", dict(tie_word_embeddings=False)),  # fused qkv_proj and gate_up_proj
+    "opt": ("opt", dict(ffn_dim=128, word_embed_proj_dim=64, tie_word_embeddings=True)),
+    "gpt_neox": ("gpt_neox", dict(tie_word_embeddings=False)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=64, tie_word_embeddings=False)),
+}
+
+
+def family_model(name: str, layers: int = 4, seed: int = 0):
+    """A tiny random model of family ``name`` with weights spread like :func:`tiny_model`'s."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(name, layers), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:  # fused experts are 3D
+                p.normal_(0, 0.08)
+    model.eval()
+    model.config.use_cache = False
+    return model

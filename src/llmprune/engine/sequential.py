@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmprune.engine.capture import capture_layer_inputs, layer_output
+from llmprune.engine.capture import capture_inputs, layer_output
 from llmprune.engine.stats import LayerStats
+from llmprune.models.adapter import per_expert_linears, routed_linears
 from llmprune.models.layers import decoder_layers, linear_layers
 from llmprune.sparsity.allocation import Allocator
 from llmprune.sparsity.methods import OptionSet, prune_weight, required_stats
@@ -61,7 +62,8 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Te
               stats: LayerStats | None = None, batch_size: int = BATCH_SIZE) -> None:
     """Run every calibration row through ``layer``; write outputs into ``outs`` if given.
 
-    The captured keyword arguments (rotary embeddings, masks) have batch size 1 and broadcast.
+    ``kwargs`` are the layer's own captured arguments (rotary embeddings, masks); they have
+    batch size 1 and broadcast.
     """
     for j in range(0, inps.shape[0], batch_size):
         if stats is not None:
@@ -71,16 +73,34 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Te
             outs[j : j + batch_size] = y
 
 
+UNROUTED = "magnitude (no calibration token routed here)"
+
+
 @torch.no_grad()
 def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerStats | None) -> dict:
     """Prune every linear of one layer in place; returns per-linear sparsity and timing, and
-    the relative reconstruction error ``recon_error`` wherever XᵀX was collected."""
+    the relative reconstruction error ``recon_error`` wherever XᵀX was collected.
+
+    MoE experts the router sent no calibration token have no statistics: they are pruned to
+    the same target by the data-free magnitude score, and their entries say so
+    (``calibration_tokens`` 0, ``scored_by``). Any other linear without input is an error.
+    """
     linears = linear_layers(layer)
+    routed = routed_linears(layer)
     groups = stats.groups() if stats is not None else {n: [n] for n in linears}
     missing = [n for n in linears if not any(n in g for g in groups.values())]
-    if missing:
-        raise RuntimeError(f"linears {missing} saw no calibration input; cannot score them")
+    if set(missing) - routed:
+        raise RuntimeError(f"linears {sorted(set(missing) - routed)} saw no calibration input; cannot score them")
     report = {}
+    for n in missing:  # unrouted experts
+        W = linears[n].weight
+        target.check_shape(W.shape[1], n)
+        t0 = time.perf_counter()
+        [(W_new, keep)] = prune_weight("magnitude", [W], {}, target)
+        report[n] = {"shape": list(W.shape), "sparsity": 1 - keep.float().mean().item(),
+                     "seconds": time.perf_counter() - t0, "shared_input_with": None,
+                     "calibration_tokens": 0, "scored_by": UNROUTED}
+        W.copy_(W_new.to(W.dtype))
     for leader, names in groups.items():
         Ws = [linears[n].weight for n in names]
         for n, W in zip(names, Ws, strict=True):
@@ -103,6 +123,8 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
                          "seconds": dt / len(names), "shared_input_with": leader if leader != n else None}
             for note in notes:
                 report[n].update(note.record)
+            if n in routed and stats is not None:  # how much of the calibration data this expert saw
+                report[n]["calibration_tokens"] = stats.tokens[leader]
             if "xtx" in group_stats:  # the weights as stored, before they overwrite the dense W
                 report[n]["recon_error"] = relative_recon_error(W, W_new, group_stats["xtx"])
             W.copy_(W_new)
@@ -110,7 +132,7 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
 
 
 def layer_params(layer: nn.Module) -> int:
-    """Prunable parameters of one decoder layer: the weights of its linears."""
+    """Prunable parameters of one decoder layer: the weights of its linears (experts included)."""
     return sum(lin.weight.numel() for lin in linear_layers(layer).values())
 
 
@@ -123,6 +145,10 @@ class LayerWalk:
     layer) — unless :meth:`collect` already produced them in the same forward — and moves the
     layer back. Without ``ids`` there is no data: the walk only moves layers. ``seconds[i]``
     is the wall time spent on layer ``i``, propagation included.
+
+    Each layer runs with its own captured arguments (``layer_kwargs[i]``): layers of different
+    attention kinds get different masks. While a layer is yielded its fused MoE experts are
+    per-expert linears (:func:`per_expert_linears`), so hooks and pruning reach every expert.
     """
 
     def __init__(self, model: nn.Module, ids: torch.Tensor | None, device: str | torch.device,
@@ -131,12 +157,13 @@ class LayerWalk:
         self.device = device
         self.desc, self.progress = desc, progress
         self.inps = self.outs = None
-        self.kwargs: dict = {}
+        self.layer_kwargs: list[dict] = [{} for _ in self.layers]
         if ids is not None:
-            self.inps, self.kwargs = capture_layer_inputs(model, self.layers[0], ids, device)
+            self.inps, self.layer_kwargs = capture_inputs(model, self.layers, ids, device)
             self.outs = torch.empty_like(self.inps)
         self.seconds: list[float] = []
         self._propagated = False
+        self._index = 0
 
     def __iter__(self):
         bar = tqdm(list(enumerate(self.layers)), desc=self.desc, unit="layer", disable=not self.progress)
@@ -144,12 +171,13 @@ class LayerWalk:
             t0 = time.perf_counter()
             home = next(layer.parameters()).device
             layer.to(self.device)
-            self._propagated = False
-            yield i, layer
-            if self.inps is not None and i + 1 < len(self.layers):
-                if not self._propagated:
-                    run_layer(layer, self.inps, self.kwargs, self.outs)
-                self.inps, self.outs = self.outs, self.inps
+            self._propagated, self._index = False, i
+            with per_expert_linears(layer):  # after the move: the experts alias its parameters
+                yield i, layer
+                if self.inps is not None and i + 1 < len(self.layers):
+                    if not self._propagated:
+                        run_layer(layer, self.inps, self.layer_kwargs[i], self.outs)
+                    self.inps, self.outs = self.outs, self.inps
             layer.to(home)
             self.seconds.append(time.perf_counter() - t0)
             bar.set_postfix(sec=f"{self.seconds[-1]:.1f}")
@@ -161,7 +189,7 @@ class LayerWalk:
             raise ValueError("statistics need calibration ids")
         stats = LayerStats(linear_layers(layer), needs)
         out = self.outs if propagate else None
-        run_layer(layer, self.inps, self.kwargs, out, stats)
+        run_layer(layer, self.inps, self.layer_kwargs[self._index], out, stats)
         stats.remove()
         self._propagated = propagate
         return stats
@@ -174,18 +202,18 @@ def measure_layers(model: nn.Module, ids: torch.Tensor, allocator: Allocator,
 
     One forward per layer: the hooks collect ``allocator.needs`` while the same forward
     produces the dense outputs that feed the next layer. Returns the measures and the seconds
-    spent per layer.
+    spent per layer. MoE experts that no calibration token reached do not enter the measure.
     """
     walk = LayerWalk(model, ids, device, "allocation (dense pass)", progress)
     measures = []
     for i, layer in walk:
         linears = linear_layers(layer)
         stats = walk.collect(layer, allocator.needs, propagate=True)
-        missing = sorted(set(linears) - set(stats.owner))
+        missing = sorted(set(linears) - set(stats.owner) - routed_linears(layer))
         if missing:
             raise RuntimeError(f"layer {i}: linears {missing} saw no calibration input")
-        measures.append(float(allocator.measure({n: lin.weight for n, lin in linears.items()},
-                                                stats.per_linear())))
+        seen = {n: lin.weight for n, lin in linears.items() if n in stats.owner}
+        measures.append(float(allocator.measure(seen, stats.per_linear())))
     return measures, walk.seconds
 
 
