@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import llmprune  # noqa: E402
-from llmprune.engine.capture import capture_layer_inputs  # noqa: E402
+from llmprune.engine.capture import capture_inputs  # noqa: E402
 from llmprune.engine.sequential import run_layer  # noqa: E402
 from llmprune.engine.stats import LayerStats  # noqa: E402
 from llmprune.models.layers import decoder_layers, linear_layers  # noqa: E402
@@ -63,13 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def layer_xtx(model, ids: torch.Tensor, index: int, linear: str) -> tuple[list[str], torch.Tensor]:
     """(names of the linears reading ``linear``'s input, their XᵀX) at decoder layer ``index``."""
     layers = decoder_layers(model)
-    inps, kwargs = capture_layer_inputs(model, layers[0], ids, "cpu")
+    inps, kwargs = capture_inputs(model, layers, ids, "cpu")
     outs = torch.empty_like(inps)
     for i in range(index):  # dense propagation: the inputs layer `index` sees in the dense model
-        run_layer(layers[i], inps, kwargs, outs)
+        run_layer(layers[i], inps, kwargs[i], outs)
         inps, outs = outs, inps
     stats = LayerStats(linear_layers(layers[index]), frozenset({"xtx"}))
-    run_layer(layers[index], inps, kwargs, None, stats)
+    run_layer(layers[index], inps, kwargs[index], None, stats)
     stats.remove()
     for leader, names in stats.groups().items():
         if linear in names:

@@ -5,7 +5,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 import llmprune.engine.sequential as seq
-from llmprune.engine.capture import capture_layer_inputs
+from llmprune.engine.capture import capture_inputs
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.models.layers import decoder_layers, linear_layers
 from llmprune.sparsity.patterns import Target
@@ -31,8 +31,8 @@ def inputs_of(model, layer_idx, name, ids):
 def test_capture_matches_model_forward():
     model = tiny_model()
     ids = calib_ids()
-    inps, kwargs = capture_layer_inputs(model, decoder_layers(model)[0], ids, "cpu")
-    assert inps.shape == (4, 32, 64)
+    inps, kwargs = capture_inputs(model, decoder_layers(model), ids, "cpu")
+    assert inps.shape == (4, 32, 64) and len(kwargs) == 2
     emb = model.get_input_embeddings()(ids)
     torch.testing.assert_close(inps, emb)
 

@@ -316,3 +316,19 @@ def test_unrouted_expert_is_pruned_by_magnitude_and_reported():
     # the pruned weights live in the fused parameters the model computes with
     fused = layer.mlp.experts.gate_up_proj
     assert int((fused[3] == 0).sum()) == fused[3].numel() // 2
+
+
+def test_mask_set_of_a_pruned_moe_covers_the_fused_experts():
+    """Mask files name what the model stores: the fused 3D expert tensors, N:M along inputs."""
+    from llmprune.masks import MaskSet
+    from llmprune.sparsity.patterns import Target
+
+    model = family_model("mixtral")
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    llmprune.prune(model, PruneConfig(method="wanda", pattern="2:4", nsamples=4, seqlen=32),
+                   calib_ids=ids, progress=False)
+    masks = MaskSet.from_model(model)
+    fused = [n for n in masks if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(fused) == 2 * model.config.num_hidden_layers
+    assert masks[fused[0]].dim() == 3
+    masks.check(Target.nm(2, 4))

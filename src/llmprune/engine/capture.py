@@ -130,17 +130,6 @@ def capture_inputs(model: nn.Module, layers: Sequence[nn.Module], ids: torch.Ten
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, ids: torch.Tensor,
-                         device: str | torch.device) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering ``first_layer`` for every row, and *its* keyword arguments.
-
-    Only right for layers whose arguments equal the first layer's; the engine uses
-    :func:`capture_inputs`, which captures every layer's own.
-    """
-    inps, kwargs = capture_inputs(model, [first_layer], ids, device)
-    return inps, kwargs[0]
-
-
 def layer_output(out) -> torch.Tensor:
     """Decoder layers return a tensor or a tuple whose first item is the hidden state."""
     return out[0] if isinstance(out, tuple | list) else out

@@ -11,7 +11,7 @@ from torch import nn
 
 from llmprune.errors import LLMPruneError
 from llmprune.masks import checks, files
-from llmprune.models.layers import decoder_layers, linear_layers
+from llmprune.models.adapter import decoder_layers, prunable_weights
 from llmprune.sparsity.patterns import Target
 
 
@@ -23,12 +23,8 @@ def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def prunable_names(model: nn.Module) -> list[str]:
     """Full parameter names of the weights of every decoder-layer linear, in model order."""
     names = {id(p): name for name, p in model.named_parameters()}
-    out = []
-    for layer in decoder_layers(model):
-        for lin in linear_layers(layer).values():
-            if id(lin.weight) in names:
-                out.append(names[id(lin.weight)])
-    return out
+    return [names[id(p)] for layer in decoder_layers(model) for p in prunable_weights(layer).values()
+            if id(p) in names]
 
 
 def _as_bool(name: str, value) -> torch.Tensor:

@@ -250,6 +250,21 @@ def linear_layers(layer: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def prunable_weights(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that pruning zeroes, by name within ``layer``: each linear's weight, and
+    for fused MoE experts the fused 3D tensors themselves (their per-expert linears are views;
+    masks and files name the parameter the model stores)."""
+    fused = _fused_experts(layer)
+    out = {f"{n}.weight": lin.weight for n, lin in linear_layers(layer).items()
+           if not any(n.startswith(f"{f}.") for f in fused)}
+    for name, mod in fused.items():
+        for pname in ("gate_up_proj", "up_proj", "down_proj"):
+            p = getattr(mod, pname, None)
+            if isinstance(p, nn.Parameter):
+                out[f"{name}.{pname}"] = p
+    return out
+
+
 def routed_linears(layer: nn.Module) -> set[str]:
     """Linears that see only the tokens a router sends them (MoE experts, fused or not).
 
