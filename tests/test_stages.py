@@ -96,3 +96,24 @@ def test_config_is_not_mutated_and_overrides_are_checked():
     with pytest.raises(LLMPruneError, match="nsamples must be a positive integer"):
         llmprune.prune(tiny_model(), cfg, nsamples=0)
     assert cfg.nsamples == 128
+
+
+def test_magnitude_needs_no_tokenizer(tmp_path):
+    d = tmp_path / "no-tok"
+    tiny_model().save_pretrained(d)  # weights and config only
+    out = tmp_path / "o"
+    assert main(["prune", str(d), "--method", "magnitude", "--pattern", "2:4", "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "pruning.json").read_text())["sparsity"] == pytest.approx(0.5)
+    rc = main(["prune", str(d), "--method", "wanda", "--sparsity", "0.5", *FAST])
+    assert rc == 2
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_dirs, capsys, monkeypatch, tmp_path):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_sequential", interrupted)
+    rc = main(["prune", str(tiny_dirs["llama"]), "--sparsity", "0.5", "--out", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.strip().splitlines()[-1] == "llmprune: interrupted" and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
