@@ -283,20 +283,28 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[str | 
         raise
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically: a temp file beside ``path``, then ``os.replace``."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
+    """A file object for ``path`` that replaces it only once complete (temp file + ``os.replace``);
+    on failure the temp file goes and ``path`` is untouched. The umask decides the mode."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         # 0o666 through os.open: the umask decides the mode, as for a plain open()
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w") as f:
-            f.write(json.dumps(data, indent=2, default=str) + "\n")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically."""
+    with atomic_file(path) as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def update_report(out: str | Path, report: dict) -> Path:

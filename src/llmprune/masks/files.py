@@ -7,7 +7,6 @@ stored, so unpacking needs the expected shapes (from the model or its config).
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmprune.errors import LLMPruneError
+from llmprune.export.save import atomic_file
 
 SUFFIX = ".mask"
 
@@ -35,18 +35,8 @@ def write_packed(path: str | Path, masks: Mapping[str, np.ndarray]) -> Path:
         raise LLMPruneError(f"mask file {path} is a directory; give a file name such as masks.npz")
     if not path.parent.is_dir():
         raise LLMPruneError(f"directory {path.parent} of mask file {path.name} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # os.open with 0o666 lets the umask decide the final mode, as for any file the user writes.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: numpy must not append ".npz" to the name
-            np.savez_compressed(f, **{name + SUFFIX: pack(m) for name, m in masks.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:  # a file object: numpy must not append ".npz" to the name
+        np.savez_compressed(f, **{name + SUFFIX: pack(m) for name, m in masks.items()})
     return path
 
 
