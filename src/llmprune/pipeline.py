@@ -127,7 +127,7 @@ class Job:
     ids: torch.Tensor | None = None  # (nsamples, seqlen) calibration windows
     progress: bool = True
     device: str = "cpu"
-    needs_data: bool = False
+    needs: frozenset[str] = frozenset()  # statistics the method, solver and allocator read
     allocator: OWLAllocator | None = None
     corpus: Corpus | None = None  # calibration text, read and decoded before the model loads
     eval_corpora: dict[str, Corpus] | None = None  # perplexity text, likewise
@@ -166,13 +166,13 @@ def validate(job: Job) -> None:
     job.device = config.resolved_device()
     check_device(job.device)
     job.allocator = make_allocator(config)
-    job.needs_data = bool(required_stats(config.method, config.solver, config.recon_error)
-                          or (job.allocator and job.allocator.needs))
+    job.needs = required_stats(config.method, config.solver, config.recon_error) | (
+        job.allocator.needs if job.allocator else frozenset())
     if job.ids is not None:
         if tuple(job.ids.shape) != (config.nsamples, config.seqlen):
             raise LLMPruneError(f"calib_ids has shape {tuple(job.ids.shape)}, but the config says "
                                 f"nsamples={config.nsamples}, seqlen={config.seqlen}")
-    elif job.needs_data:
+    elif job.needs:
         job.corpus = load_corpus(config.calib, "train")  # decode errors surface before any loading
     if config.ppl:
         check_eval_args(config.ppl_seqlen or config.seqlen, config.max_windows)
@@ -182,7 +182,7 @@ def validate(job: Job) -> None:
         job.cleanup.enter_context(output_lock(config.out))  # held until the report is final
     if isinstance(job.model, str | None):
         check_model_exists(config.model)
-    elif job.tokenizer is None and ((job.needs_data and job.ids is None) or config.ppl):
+    elif job.tokenizer is None and ((job.needs and job.ids is None) or config.ppl):
         raise LLMPruneError("pass tokenizer= along with a loaded model")
 
 
@@ -192,8 +192,8 @@ def load(job: Job) -> None:
     if isinstance(job.model, str | None):
         job.model, job.tokenizer = load_model(
             config.model, device=job.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-            need_tokenizer=(job.needs_data and job.ids is None) or bool(config.ppl))
-    check_model_fits(job.model, config, job.needs_data)
+            need_tokenizer=(bool(job.needs) and job.ids is None) or bool(config.ppl))
+    check_model_fits(job.model, config, bool(job.needs))
     # explicit: the list must match the layers
     job.targets = fixed_targets(config, len(decoder_layers(job.model)))
 
@@ -201,11 +201,9 @@ def load(job: Job) -> None:
 def calibrate(job: Job) -> None:
     """Tokenise the calibration windows and check their activations fit in memory."""
     config = job.config
-    if not job.needs_data:
+    if not job.needs:
         return
-    check_memory(job.model, config, job.device,
-                 required_stats(config.method, config.solver, config.recon_error)
-                 | (job.allocator.needs if job.allocator else frozenset()))
+    check_memory(job.model, config, job.device, job.needs)
     if job.ids is None:
         job.ids = calibration_windows(job.corpus, job.tokenizer, config.nsamples, config.seqlen, config.seed)
         job.corpus = None
