@@ -25,7 +25,7 @@ def add_option_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: t
         default = f.get_default(call_default_factory=True)
         shown = "" if default in (None, [], "") else f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
         if f.annotation is bool:
-            p.add_argument(flag, dest=name, action="store_true", help=(f.description or "") + shown)
+            p.add_argument(flag, dest=name, action="store_true", help=f.description)
         else:
             p.add_argument(flag, dest=name, metavar=name.upper(), help=(f.description or "") + shown)
 
