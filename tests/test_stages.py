@@ -76,6 +76,7 @@ def test_report_has_every_stage_timing_and_final_ppl(tiny_dirs, tmp_path):
     report = json.loads((out / "pruning.json").read_text())
     assert {"load_s", "calibrate_s", "ppl_before_s", "run_s", "save_s", "ppl_after_s"} <= set(report["timings"])
     assert report["ppl"]["after"]["wikitext2"]["ppl"] > 0
+    assert report["timings"]["save_s"] > 0
     # the saved recipe re-runs from the directory itself, to a new place
     assert main(["prune", "--recipe", str(out), "--out", str(tmp_path / "again"), *FAST]) == 0
 
@@ -89,6 +90,14 @@ def test_singular_xtx_damping_is_warned_and_recorded(capsys):
               for n, e in L["linears"].items() if "damping" in e]
     assert damped and all(d > 0 for _, _, d in damped)
     assert "XᵀX is singular with damping 0" in capsys.readouterr().err
+
+
+def test_result_masks_are_the_pruned_pattern():
+    from llmprune.sparsity.patterns import Target
+
+    res = llmprune.prune(tiny_model(), PruneConfig(method="magnitude", pattern="2:4"), progress=False)
+    res.masks.check(Target.nm(2, 4))
+    assert len(res.masks) == 2 * 7 and res.masks.sparsity == pytest.approx(0.5)
 
 
 def test_config_is_not_mutated_and_overrides_are_checked():

@@ -36,6 +36,7 @@ from llmprune.export.save import (
     save_pruned,
     update_report,
 )
+from llmprune.masks import MaskSet
 from llmprune.models.layers import context_length, decoder_layers, linear_layers
 from llmprune.models.loading import check_model_exists, load_model
 from llmprune.report import allocation_plot
@@ -49,6 +50,11 @@ class PruneResult:
     model: nn.Module
     tokenizer: object
     report: dict
+
+    @property
+    def masks(self) -> MaskSet:
+        """The keep-masks of the pruned linears, to save, check or hand to the next stage."""
+        return MaskSet.from_model(self.model)
 
 
 def peak_rss_mb() -> float:
