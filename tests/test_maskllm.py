@@ -388,3 +388,13 @@ def test_two_process_run_equals_one_process(tiny_dirs, shared_data, tmp_path):
     for k in single:
         assert torch.equal(r0[k], r1[k]), f"ranks differ at {k}"
         assert torch.equal(r0[k], single[k]), f"2 processes differ from 1 at {k}"
+
+
+def test_masked_sq_norm_matches_autograd_of_the_plain_formula():
+    from llmprune.maskllm.gumbel import masked_sq_norm
+
+    W = torch.randn(6, 8, dtype=torch.float64)
+    mask = torch.rand(6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m: masked_sq_norm(W, m), (mask,))
+    plain = (W * mask).square().sum()
+    torch.testing.assert_close(masked_sq_norm(W, mask), plain)

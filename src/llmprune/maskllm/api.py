@@ -6,6 +6,7 @@ Everything that can be refused is refused before the prior or the training start
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,8 +84,9 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
 
     t0 = time.perf_counter()
     if isinstance(prior, str) and ckpt is None:  # a resumed run takes its logits from the checkpoint
-        prior = oneshot_prior(model, tokenizer, opts.pattern, prior, progress=progress,
-                              **(prior_options or {}))
+        # calibrate on the training text by default, in windows as long as the training ones
+        calib = {"calib": opts.train_data, "seqlen": opts.seqlen, "seed": opts.seed, **(prior_options or {})}
+        prior = oneshot_prior(model, tokenizer, opts.pattern, prior, progress=progress, **calib)
     prior_s = time.perf_counter() - t0
     noise = NoiseSource(opts.seed)
     masks = attach_masks(model, n, m, opts.init_std, opts.seed, noise, opts.train_weights)
@@ -102,5 +104,7 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
               "prior": prior if isinstance(prior, str) or prior is None else "masks",
               "data": corpus.label, "world_size": acc.num_processes,
               "tokens": stream.state.windows * opts.seqlen, "prior_seconds": prior_s,
-              "train_seconds": train_s, "final": log[-1] if log else None}
+              "train_seconds": train_s, "final": log[-1] if log else None,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
     return MaskLLMResult(model, keep, log, report)

@@ -46,6 +46,34 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator 
     return torch.softmax((logits + g) / tau, dim=-1)
 
 
+def _wide(W: torch.Tensor) -> torch.Tensor:
+    # bf16 / fp16 weights are squared in fp32; fp32 and fp64 stay as they are
+    return W.to(torch.promote_types(W.dtype, torch.float32))
+
+
+class _MaskedSqNorm(torch.autograd.Function):
+    """``Σ (W ⊙ mask)²`` with W a constant, saving only references to W and the mask.
+
+    The plain expression would keep two fp32 weight-sized tensors per layer alive until the
+    backward pass (``W·mask`` and its square); this keeps none beyond the mask itself.
+    """
+
+    @staticmethod
+    def forward(ctx, W: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(W, mask)
+        return (_wide(W).square() * mask.square()).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        W, mask = ctx.saved_tensors
+        return None, 2 * grad * _wide(W).square() * mask
+
+
+def masked_sq_norm(W: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``‖W ⊙ mask‖²`` (fp32), differentiable in ``mask`` only (W is treated as detached)."""
+    return _MaskedSqNorm.apply(W.detach(), mask)
+
+
 class LearnableNMMask(nn.Module):
     """Parametrization ``W ↦ W ⊙ mask`` with learnable N:M logits ``(numel/M, C(M, N))``.
 
@@ -88,7 +116,7 @@ class LearnableNMMask(nn.Module):
         if not self.training:
             return W * self.hard_mask().to(W.dtype)
         mask = self.soft_mask().view(self.shape)
-        self.sq_norm = (W.detach().float() * mask).square().sum()
+        self.sq_norm = masked_sq_norm(W, mask)
         return W * mask.to(W.dtype)
 
 

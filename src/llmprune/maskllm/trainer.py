@@ -205,9 +205,10 @@ class Trainer:
 
         o, acc = self.opts, self.acc
         opt, sched = self._optimizer()
-        if resume is not None:
-            self._restore(check_resume(resume, self.task.fingerprint(), o, acc.num_processes), opt, sched)
+        ckpt = None if resume is None else check_resume(resume, self.task.fingerprint(), o, acc.num_processes)
         model, popt = acc.prepare(self.model, opt)  # the scheduler is stepped by hand: once a step
+        if ckpt is not None:  # after prepare: the state lands on the parameters' device
+            self._restore(ckpt, opt, sched)
         params = [p for g in opt.param_groups for p in g["params"]]
         world, rank, per = acc.num_processes, acc.process_index, o.batch_size
         model.eval()  # no dropout: the noise is the mask's own (the reference trains with dropout 0)
