@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -398,3 +399,39 @@ def test_masked_sq_norm_matches_autograd_of_the_plain_formula():
     assert torch.autograd.gradcheck(lambda m: masked_sq_norm(W, m), (mask,))
     plain = (W * mask).square().sum()
     torch.testing.assert_close(masked_sq_norm(W, mask), plain)
+
+
+def test_failed_training_hands_the_model_back_dense(tokenizer, corpus, monkeypatch):
+    import llmprune.maskllm.api as api
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api.Trainer, "train", interrupted)
+    model = tiny_model()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(KeyboardInterrupt):
+        maskllm(model, tokenizer, corpus=corpus, steps=2, **FAST)
+    assert {n: p for n, p in model.named_parameters()}.keys() == dense.keys()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, dense[n]), n
+
+
+def test_packed_stream_joins_documents_with_eos_and_resumes(tokenizer):
+    from llmprune.data.sources import Corpus
+    from llmprune.maskllm.stream import PackedStream, StreamState
+
+    docs = [f"document number {i} " * (i + 1) for i in range(7)]
+    stream = PackedStream(Corpus(docs, "docs", "toy", "toy"), tokenizer, seqlen=16, seed=3)
+    first = stream.next_batch(3)
+    st = stream.state
+    saved = StreamState(st.epoch, st.cursor, list(st.buffer), st.windows)
+    rest = stream.next_batch(20)  # wraps into the next epoch
+    again = PackedStream(Corpus(docs, "docs", "toy", "toy"), tokenizer, seqlen=16, seed=3, state=saved)
+    assert torch.equal(again.next_batch(20), rest)
+    order = list(range(7))
+    random.Random("3:0").shuffle(order)  # the stream's documented epoch-0 order
+    expect = []
+    for i in order:
+        expect += tokenizer(docs[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert first.shape == (3, 16) and first.flatten().tolist() == expect[:48]  # packed, no padding

@@ -98,8 +98,11 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
         t1 = time.perf_counter()
         log = trainer.train(ckpt, until)
         train_s = time.perf_counter() - t1
-    finally:
-        keep = detach_masks(model, apply=True)
+    except BaseException:
+        # Failed or interrupted (the checkpoints can resume it): hand the model back dense.
+        detach_masks(model, apply=False)
+        raise
+    keep = detach_masks(model, apply=True)
     report = {"pattern": opts.pattern, "steps": trainer.step, "options": opts.model_dump(),
               "prior": prior if isinstance(prior, str) or prior is None else "masks",
               "data": corpus.label, "world_size": acc.num_processes,

@@ -65,7 +65,7 @@ class TrainerOptions(Options):
 
 
 # Options that may change between a run and its resume without changing what it computes.
-RESUMABLE_CHANGES = ("checkpoint_every", "log_every", "train_data")
+RESUMABLE_CHANGES = ("checkpoint_every", "log_every")
 
 
 class TrainTask(Protocol):
