@@ -435,3 +435,14 @@ def test_packed_stream_joins_documents_with_eos_and_resumes(tokenizer):
     for i in order:
         expect += tokenizer(docs[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert first.shape == (3, 16) and first.flatten().tolist() == expect[:48]  # packed, no padding
+
+
+def test_training_that_cannot_fit_is_refused_with_numbers(tokenizer, no_training, monkeypatch):
+    import llmprune.maskllm.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)
+    with pytest.raises(LLMPruneError, match=r"needs about .* GiB more on cpu \(logits .*lower --batch-size"):
+        maskllm(tiny_model(), tokenizer, **FAST)
+    parts = memory.estimate_train_bytes(tiny_model(), MaskLLMOptions(seqlen=32), 2, 4)
+    numel = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # 2 layers: q, o; k, v (2 kv heads); gate, up, down
+    assert parts["logits"] == 16 * numel // 4 * 6 and parts["weights"] == 0

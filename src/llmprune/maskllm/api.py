@@ -19,6 +19,7 @@ from llmprune.data.sources import Corpus, check_available, load_corpus
 from llmprune.errors import LLMPruneError
 from llmprune.maskllm.candidates import parse_nm
 from llmprune.maskllm.gumbel import NoiseSource, attach_masks, check_divisible, detach_masks
+from llmprune.maskllm.memory import check_train_memory
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.maskllm.prior import apply_prior, check_prior, masked_shapes, oneshot_prior
 from llmprune.maskllm.stream import PackedStream
@@ -52,6 +53,7 @@ def validate(model: nn.Module, opts: MaskLLMOptions, prior, resume, world: int) 
             raise LLMPruneError(f"prior {prior!r} is not one of {', '.join(ONESHOT_PRIORS)} (or a mask dict)")
     elif prior is not None:
         check_prior(prior, masked_shapes(model))
+    check_train_memory(model, opts, n, m)
     ckpt = None
     if resume is not None:
         ckpt = check_resume(resume, model_fingerprint(model, opts.pattern), opts, world)
