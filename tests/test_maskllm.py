@@ -446,3 +446,15 @@ def test_training_that_cannot_fit_is_refused_with_numbers(tokenizer, no_training
     parts = memory.estimate_train_bytes(tiny_model(), MaskLLMOptions(seqlen=32), 2, 4)
     numel = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # 2 layers: q, o; k, v (2 kv heads); gate, up, down
     assert parts["logits"] == 16 * numel // 4 * 6 and parts["weights"] == 0
+
+
+def test_fused_gumbel_soft_mask_matches_the_plain_formula_and_its_gradient():
+    from llmprune.maskllm.gumbel import _GumbelSoftMask
+
+    c = candidates(2, 4).double()
+    logits = (torch.randn(10, 6, dtype=torch.float64) * 0.01).requires_grad_()
+    noise = torch.randn(10, 6, dtype=torch.float64)
+    fused = _GumbelSoftMask.apply(logits, noise, c, 300.0, 2.0)
+    plain = torch.softmax((logits * 300.0 + noise) / 2.0, dim=-1) @ c
+    torch.testing.assert_close(fused, plain)
+    assert torch.autograd.gradcheck(lambda lg: _GumbelSoftMask.apply(lg, noise, c, 300.0, 2.0), (logits,))
