@@ -229,7 +229,7 @@ class Trainer:
                     ids = windows[j * per:(j + 1) * per].to(acc.device)
                     sync = contextlib.nullcontext() if a == o.grad_accum - 1 else acc.no_sync(model)
                     with sync:
-                        ce = model(input_ids=ids, labels=ids).loss
+                        ce = model(input_ids=ids, labels=ids, use_cache=False).loss
                         extra, extra_vals = self.task.extra_loss()
                         loss = ce if extra is None else ce + extra
                         acc.backward(loss / o.grad_accum)
