@@ -162,8 +162,13 @@ def masked_linears(model: nn.Module) -> dict[str, nn.Linear]:
     embeddings), e.g. ``model.layers.0.mlp.down_proj``."""
     names = {id(mod): name for name, mod in model.named_modules()}
     out = {}
-    for layer in decoder_layers(model):
-        for lin in linear_layers(layer).values():
+    for i, layer in enumerate(decoder_layers(model)):
+        for sub, lin in linear_layers(layer).items():
+            if id(lin) not in names:
+                # e.g. per-expert views on fused MoE expert tensors: not modules the model calls,
+                # so a parametrization on them would never be used
+                raise LLMPruneError(f"layer {i} {sub} is not an nn.Linear the model calls (fused MoE "
+                                    f"experts?); MaskLLM masks nn.Linear weights only")
             out[names[id(lin)]] = lin
     return out
 
