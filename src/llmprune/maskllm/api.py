@@ -1,0 +1,115 @@
+"""``maskllm(model, tokenizer, options)``: learn an N:M mask end to end and apply it.
+
+validate (pattern, shapes, data, prior, resume) → attach masks → prior → train → hard masks.
+Everything that can be refused is refused before the prior or the training starts.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.data.sources import Corpus, check_available, load_corpus
+from llmprune.errors import LLMPruneError
+from llmprune.maskllm.candidates import parse_nm
+from llmprune.maskllm.gumbel import NoiseSource, attach_masks, check_divisible, detach_masks
+from llmprune.maskllm.memory import check_train_memory
+from llmprune.maskllm.options import MaskLLMOptions
+from llmprune.maskllm.prior import apply_prior, check_prior, masked_shapes, oneshot_prior
+from llmprune.maskllm.stream import PackedStream
+from llmprune.maskllm.task import MaskLLMTask, model_fingerprint
+from llmprune.maskllm.trainer import Trainer, check_resume
+from llmprune.models.layers import context_length
+from llmprune.options import validated
+
+ONESHOT_PRIORS = ("sparsegpt", "wanda", "magnitude")
+
+
+@dataclass
+class MaskLLMResult:
+    """The model with the hard masks applied, the masks, the training log and a report."""
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]  # {weight name: (out, in) bool keep-mask}
+    log: list[dict]
+    report: dict = field(default_factory=dict)
+
+
+def validate(model: nn.Module, opts: MaskLLMOptions, prior, resume, world: int) -> tuple[int, int, Path | None]:
+    """Every check that needs no data pass: pattern, shapes, context, prior, resume directory."""
+    n, m = parse_nm(opts.pattern)
+    check_divisible(model, m, n)
+    ctx = context_length(model)
+    if ctx is not None and opts.seqlen > ctx:
+        raise LLMPruneError(f"seqlen {opts.seqlen} is longer than the model's context ({ctx} tokens)")
+    if isinstance(prior, str):
+        if prior not in ONESHOT_PRIORS:
+            raise LLMPruneError(f"prior {prior!r} is not one of {', '.join(ONESHOT_PRIORS)} (or a mask dict)")
+    elif prior is not None:
+        check_prior(prior, masked_shapes(model))
+    check_train_memory(model, opts, n, m)
+    ckpt = None
+    if resume is not None:
+        ckpt = check_resume(resume, model_fingerprint(model, opts.pattern), opts, world)
+    return n, m, ckpt
+
+
+def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, *,
+            prior: str | Mapping[str, torch.Tensor] | None = None, prior_options: dict | None = None,
+            corpus: Corpus | None = None, work_dir: str | Path | None = None,
+            resume: str | Path | None = None, until: int | None = None, progress: bool = True,
+            accelerator=None, **overrides) -> MaskLLMResult:
+    """Learn an N:M mask for every decoder linear of ``model`` and apply it (in place).
+
+    ``prior``: ``None`` (random init), a one-shot method name (``sparsegpt`` mask-only, the
+    reference's default; ``wanda``; ``magnitude``) whose ``prune`` options are
+    ``prior_options``, or a ``{weight name: bool keep-mask}`` dict (e.g. a mask file, or a
+    previous run's masks: transfer). ``work_dir`` receives ``train_log.jsonl`` and
+    ``checkpoints/``; ``resume`` is such a directory. ``overrides`` set option fields.
+    """
+    from accelerate import Accelerator
+
+    opts = validated(MaskLLMOptions, {**(options.model_dump() if options else {}), **overrides})
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    n, m, ckpt = validate(model, opts, prior, resume, acc.num_processes)
+    if corpus is None:
+        check_available(opts.train_data, "train")
+        corpus = load_corpus(opts.train_data, "train")
+    stream = PackedStream(corpus, tokenizer, opts.seqlen, opts.seed)
+    fingerprint = model_fingerprint(model, opts.pattern)
+
+    t0 = time.perf_counter()
+    if isinstance(prior, str) and ckpt is None:  # a resumed run takes its logits from the checkpoint
+        # calibrate on the training text by default, in windows as long as the training ones
+        calib = {"calib": opts.train_data, "seqlen": opts.seqlen, "seed": opts.seed, **(prior_options or {})}
+        prior = oneshot_prior(model, tokenizer, opts.pattern, prior, progress=progress, **calib)
+    prior_s = time.perf_counter() - t0
+    noise = NoiseSource(opts.seed)
+    masks = attach_masks(model, n, m, opts.init_std, opts.seed, noise, opts.train_weights)
+    try:
+        if prior is not None and ckpt is None:
+            apply_prior(masks, prior, opts.prior_strength)
+        task = MaskLLMTask(model, masks, opts, noise, fingerprint)
+        trainer = Trainer(model, task, stream, opts, work_dir, progress, acc)
+        t1 = time.perf_counter()
+        log = trainer.train(ckpt, until)
+        train_s = time.perf_counter() - t1
+    except BaseException:
+        # Failed or interrupted (the checkpoints can resume it): hand the model back dense.
+        detach_masks(model, apply=False)
+        raise
+    keep = detach_masks(model, apply=True)
+    report = {"pattern": opts.pattern, "steps": trainer.step, "options": opts.model_dump(),
+              "prior": prior if isinstance(prior, str) or prior is None else "masks",
+              "data": corpus.label, "world_size": acc.num_processes,
+              "tokens": stream.state.windows * opts.seqlen, "prior_seconds": prior_s,
+              "train_seconds": train_s, "final": log[-1] if log else None,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
+    return MaskLLMResult(model, keep, log, report)

@@ -1,0 +1,51 @@
+"""How much memory MaskLLM training adds to the loaded model, checked before it starts."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from llmprune.engine.memory import GiB, available_bytes
+from llmprune.errors import LLMPruneError
+from llmprune.maskllm.gumbel import masked_linears
+from llmprune.maskllm.options import MaskLLMOptions
+from llmprune.models.layers import decoder_layers
+
+
+def estimate_train_bytes(model: nn.Module, opts: MaskLLMOptions, n: int, m: int) -> dict[str, int]:
+    """Extra bytes of one process, by part (an estimate, not a bound).
+
+    ``logits``: fp32 logits, their gradient and AdamW's two moments (4 copies of
+    ``numel/M · C(M, N)``); ``masks``: per step, the softmax output, its Gumbel temporaries and
+    the soft mask of every layer, alive until the backward; ``weights``: with
+    ``train_weights``, the weights' gradient and two moments; ``activations``: Korthikanti et
+    al.'s ``34·s·b·h`` bytes per layer at 16 bits (scaled to the model's dtype) plus the fp32
+    output logits and their gradient.
+    """
+    lins = masked_linears(model)
+    numel = sum(lin.weight.numel() for lin in lins.values())
+    param = next(model.parameters())
+    logit_elems = numel // m * math.comb(m, n)
+    tokens = opts.batch_size * opts.seqlen
+    width = model.get_input_embeddings().weight.shape[1]
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
+    layers = len(decoder_layers(model))
+    return {"logits": 4 * 4 * logit_elems,
+            "masks": 4 * (2 * logit_elems + numel),
+            "weights": 3 * numel * param.element_size() if opts.train_weights else 0,
+            "activations": int(34 * tokens * width * layers * param.element_size() / 2) + 2 * 4 * tokens * vocab}
+
+
+def check_train_memory(model: nn.Module, opts: MaskLLMOptions, n: int, m: int) -> None:
+    """Refuse a run whose training state clearly does not fit, with the numbers."""
+    device = next(model.parameters()).device
+    parts = estimate_train_bytes(model, opts, n, m)
+    free = available_bytes(device)
+    total = sum(parts.values())
+    if free is not None and total > 0.9 * free:
+        detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items() if v)
+        raise LLMPruneError(
+            f"MaskLLM training needs about {total / GiB:.2f} GiB more on {device} ({detail} GiB) but "
+            f"only {free / GiB:.2f} GiB is free; lower --batch-size ({opts.batch_size}) or --seqlen "
+            f"({opts.seqlen}) and raise --grad-accum, or spread the run over more devices")
