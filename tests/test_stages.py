@@ -18,7 +18,8 @@ FAST = ["--nsamples", "2", "--seqlen", "16", "-q"]
 
 def test_stage_order():
     names = [s.__name__ for s in pipeline.ONESHOT]
-    assert names == ["validate", "load", "calibrate", "ppl_before", "plan", "run", "save", "ppl_after", "report"]
+    assert names == ["validate", "load", "check_model", "calibrate", "ppl_before", "plan", "run", "save",
+                     "ppl_after", "report"]
 
 
 def test_cuda_without_gpu_fails_before_loading(tiny_dirs, capsys, monkeypatch, tmp_path):

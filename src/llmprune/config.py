@@ -50,10 +50,28 @@ def _one_of(kind: str, choices) -> Any:
     return Annotated[str, AfterValidator(check)]
 
 
-class JobConfig(Options):
-    """The job itself: model, method and pattern, data, devices, evaluation and output."""
+class RunOptions(Options):
+    """What every entry point (prune, maskllm, ...) shares: the model, devices, evaluation, output."""
 
     model: str = Field("smollm2-135m", description="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (one layer at a time goes there)")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+    trust_remote_code: bool = Field(False, strict=True, description="allow the model's own code from the hub "
+                                                                    "(only for models you trust)")
+    ppl: CommaList = Field(default_factory=list, description="also measure perplexity before and after, "
+                                                             "e.g. wikitext2,c4")
+    ppl_seqlen: PositiveInt | None = Field(None, description="perplexity window (default: seqlen)")
+    max_windows: PositiveInt | None = Field(None, description="evaluate only the first K windows")
+    out: str | None = Field(None, description="save the result here (HF directory + pruning.json)")
+    overwrite: bool = Field(False, strict=True, description="replace a previous llmprune output at --out")
+
+    def resolved_device(self) -> str:
+        return resolve_device(self.device)
+
+
+class JobConfig(RunOptions):
+    """A one-shot job: method and pattern, calibration data, plus the shared run options."""
+
     method: _one_of("method", METHODS) = Field("wanda", description=f"how weights are chosen: {' | '.join(METHODS)}")
     sparsity: float | None = Field(None, description="unstructured sparsity in [0, 1), e.g. 0.5")
     pattern: str | None = Field(None, description="N:M (N kept of every M inputs), e.g. 2:4; or 'unstructured'")
@@ -66,16 +84,6 @@ class JobConfig(Options):
     allocation: _one_of("allocation", ALLOCATIONS) = Field("uniform", description=f"layer-wise sparsity: {' | '.join(ALLOCATIONS)}")
     recon_error: bool = Field(False, strict=True, description="report each linear's reconstruction "
                                                               "error ‖WX−ŴX‖²/‖WX‖² (collects XᵀX)")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (one layer at a time goes there)")
-    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
-    trust_remote_code: bool = Field(False, strict=True, description="allow the model's own code from the hub "
-                                                                    "(only for models you trust)")
-    ppl: CommaList = Field(default_factory=list, description="also measure perplexity before and after, "
-                                                             "e.g. wikitext2,c4")
-    ppl_seqlen: PositiveInt | None = Field(None, description="perplexity window (default: seqlen)")
-    max_windows: PositiveInt | None = Field(None, description="evaluate only the first K windows")
-    out: str | None = Field(None, description="save the pruned model here (HF directory + pruning.json)")
-    overwrite: bool = Field(False, strict=True, description="replace a previous llmprune output at --out")
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -102,9 +110,6 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
     def has_target(self) -> bool:
         """False only for an explicit allocation that lists every layer and no global target."""
         return self.is_nm or self.sparsity is not None
-
-    def resolved_device(self) -> str:
-        return resolve_device(self.device)
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:

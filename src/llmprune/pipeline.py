@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune.config import PruneConfig, resolve_device
+from llmprune.config import PruneConfig, RunOptions, resolve_device
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import Corpus, load_corpus
 from llmprune.engine.memory import GiB, available_bytes, estimate_bytes
@@ -125,9 +125,14 @@ def allocation_report(config: PruneConfig, layer_report: list[dict]) -> dict:
 # --- the stages of a one-shot job -------------------------------------------------------------
 @dataclass
 class Job:
-    """What the stages of one job hand to each other (see :data:`ONESHOT`)."""
+    """What the stages of one job hand to each other (see :data:`ONESHOT`).
 
-    config: PruneConfig
+    ``config`` is any recipe built on :class:`RunOptions` (one-shot, MaskLLM, ...): the shared
+    stages (:func:`check_run`, :func:`load`, :func:`evaluate_stage`, :func:`report`) read only
+    those fields; an entry point's own stages read the rest and keep their state in ``extra``.
+    """
+
+    config: RunOptions
     model: nn.Module | str | None = None
     tokenizer: object = None
     ids: torch.Tensor | None = None  # (nsamples, seqlen) calibration windows
@@ -144,6 +149,9 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     saved: Path | None = None
+    data_files: list[str] = field(default_factory=list)  # what the job reads besides the model
+    needs_tokenizer: bool = True
+    extra: dict = field(default_factory=dict)
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
@@ -162,46 +170,62 @@ def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: froz
 
 def job_inputs(job: Job) -> list[str]:
     """Paths the job reads, which its output must never replace (non-paths are ignored)."""
+    model = [job.config.model] if isinstance(job.model, str | None) else []
+    return [*model, *job.data_files, *job.config.ppl]
+
+
+def ppl_seqlen(config: RunOptions) -> int:
+    return config.ppl_seqlen or getattr(config, "seqlen", 2048)
+
+
+def check_run(job: Job) -> None:
+    """The checks every entry point shares, before the model loads: device, evaluation data
+    (read once here), the output directory (locked until the report is final), the model."""
     config = job.config
-    return [*([config.model] if isinstance(job.model, str | None) else []), config.calib, *config.ppl]
+    job.device = config.resolved_device()
+    check_device(job.device)
+    if config.ppl:
+        check_eval_args(ppl_seqlen(config), config.max_windows)
+        job.eval_corpora = check_eval_data(config.ppl)
+    if config.out:
+        check_output_dir(config.out, config.overwrite, job_inputs(job))
+        job.cleanup.enter_context(output_lock(config.out))
+    if isinstance(job.model, str | None):
+        check_model_exists(config.model)
+    elif job.tokenizer is None and (job.needs_tokenizer or config.ppl):
+        raise LLMPruneError("pass tokenizer= along with a loaded model")
 
 
 def validate(job: Job) -> None:
     """Everything that can be checked before the model loads: options, data, device, output."""
     config = job.config.validate()
-    job.device = config.resolved_device()
-    check_device(job.device)
     job.allocator = make_allocator(config)
     job.needs = required_stats(config.method, config.solver, config.recon_error) | (
         job.allocator.needs if job.allocator else frozenset())
+    job.needs_tokenizer = bool(job.needs) and job.ids is None
     if job.ids is not None:
         if tuple(job.ids.shape) != (config.nsamples, config.seqlen):
             raise LLMPruneError(f"calib_ids has shape {tuple(job.ids.shape)}, but the config says "
                                 f"nsamples={config.nsamples}, seqlen={config.seqlen}")
     elif job.needs:
+        job.data_files = [config.calib]
         job.corpus = load_corpus(config.calib, "train")  # decode errors surface before any loading
-    if config.ppl:
-        check_eval_args(config.ppl_seqlen or config.seqlen, config.max_windows)
-        job.eval_corpora = check_eval_data(config.ppl)  # read once, used before and after
-    if config.out:
-        check_output_dir(config.out, config.overwrite, job_inputs(job))
-        job.cleanup.enter_context(output_lock(config.out))  # held until the report is final
-    if isinstance(job.model, str | None):
-        check_model_exists(config.model)
-    elif job.tokenizer is None and ((job.needs and job.ids is None) or config.ppl):
-        raise LLMPruneError("pass tokenizer= along with a loaded model")
+    check_run(job)
 
 
 def load(job: Job) -> None:
-    """Load the model (unless one was given), then check it fits the recipe."""
+    """Load the model (unless one was given)."""
     config = job.config
     if isinstance(job.model, str | None):
         job.model, job.tokenizer = load_model(
             config.model, device=job.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-            need_tokenizer=(bool(job.needs) and job.ids is None) or bool(config.ppl))
-    check_model_fits(job.model, config, bool(job.needs))
-    # explicit: the list must match the layers
-    job.targets = fixed_targets(config, len(decoder_layers(job.model)))
+            need_tokenizer=job.needs_tokenizer or bool(config.ppl))
+
+
+def check_model(job: Job) -> None:
+    """The recipe against the loaded model: context length, N:M divisibility, explicit ratios."""
+    check_model_fits(job.model, job.config, bool(job.needs))
+    job.targets = fixed_targets(job.config, len(decoder_layers(job.model)))
 
 
 def calibrate(job: Job) -> None:
@@ -221,7 +245,7 @@ def evaluate_stage(when: str) -> Callable[[Job], None]:
         config = job.config
         if config.ppl:
             job.ppl[when] = evaluate_ppl(job.model, job.tokenizer, config.ppl,
-                                         config.ppl_seqlen or config.seqlen, config.max_windows,
+                                         ppl_seqlen(config), config.max_windows,
                                          job.progress, corpora=job.eval_corpora, device=job.device)
     evaluate.__name__ = f"ppl_{when}"
     return evaluate
@@ -286,10 +310,14 @@ def report(job: Job) -> None:
         update_report(job.saved, job.report)
 
 
-# validate → load → calibrate → evaluate → plan → run → save → evaluate → report
+# validate → load → check → calibrate → evaluate → plan → run → save → evaluate → report
 ONESHOT: tuple[Callable[[Job], None], ...] = (
-    validate, load, calibrate, evaluate_stage("before"), plan, run, save, evaluate_stage("after"), report,
+    validate, load, check_model, calibrate, evaluate_stage("before"), plan, run, save,
+    evaluate_stage("after"), report,
 )
+
+
+UNTIMED = ("validate", "check_model", "plan", "report")  # checks and bookkeeping: no time worth a line
 
 
 def run_stages(job: Job, stages: tuple[Callable[[Job], None], ...]) -> Job:
@@ -298,7 +326,7 @@ def run_stages(job: Job, stages: tuple[Callable[[Job], None], ...]) -> Job:
         for stage in stages:
             t0 = time.perf_counter()
             stage(job)
-            if stage not in (validate, plan, report):
+            if stage.__name__ not in UNTIMED:
                 job.timings[f"{stage.__name__}_s"] = time.perf_counter() - t0
     return job
 

@@ -16,10 +16,10 @@ from llmprune.maskllm.gumbel import (
            hard_masks,
 )
 from llmprune.maskllm.options import MaskLLMOptions
-from llmprune.maskllm.prior import apply_prior, nonzero_masks, oneshot_prior
+from llmprune.maskllm.prior import apply_prior, oneshot_prior
 from llmprune.maskllm.schedule import MaskSchedule
 from llmprune.maskllm.trainer import Trainer, TrainerOptions
 
 __all__ = ["LearnableNMMask", "MaskLLMOptions", "MaskLLMResult", "MaskSchedule", "NoiseSource", "Trainer",
            "TrainerOptions", "apply_prior", "attach_masks", "candidates", "detach_masks", "hard_masks",
-           "maskllm", "nonzero_masks", "oneshot_prior", "parse_nm"]
+           "maskllm", "oneshot_prior", "parse_nm"]

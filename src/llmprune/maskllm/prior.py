@@ -46,11 +46,6 @@ def apply_prior(masks: Mapping[str, LearnableNMMask], prior: Mapping[str, torch.
         mask.logits.add_(shift.to(mask.logits.dtype))
 
 
-def nonzero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{weight name: W != 0}`` of every decoder linear (the pattern a pruned model carries)."""
-    return {f"{name}.weight": (lin.weight.detach() != 0).cpu() for name, lin in masked_linears(model).items()}
-
-
 def oneshot_prior(model: nn.Module, tokenizer, pattern: str = "2:4", method: str = "sparsegpt",
                   progress: bool = True, **prune_options) -> dict[str, torch.Tensor]:
     """The keep-masks a one-shot method chooses *without* a weight update (the reference's
@@ -66,9 +61,8 @@ def oneshot_prior(model: nn.Module, tokenizer, pattern: str = "2:4", method: str
     saved = {name: lin.weight.detach().to("cpu", copy=True) for name, lin in linears.items()}
     try:
         config = PruneConfig(method=method, pattern=pattern, solver="none", **prune_options)
-        prune(model, config, tokenizer=tokenizer, progress=progress)
         # A weight that was already 0 reads as pruned; the shift works with such groups too.
-        masks = nonzero_masks(model)
+        masks = dict(prune(model, config, tokenizer=tokenizer, progress=progress).masks)
     finally:
         with torch.no_grad():
             for name, lin in linears.items():
