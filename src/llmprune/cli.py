@@ -72,6 +72,32 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _maskllm_parser(sub) -> None:
+    from llmprune.maskllm.job import MaskLLMConfig
+
+    p = sub.add_parser("maskllm", help="learn N:M masks end to end (MaskLLM) and apply them",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
+    p.add_argument("--calib", dest="train_data", help="same as --train-data")
+    add_option_flags(p, MaskLLMConfig, skip=("model",))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_maskllm(args: argparse.Namespace) -> int:
+    from llmprune.maskllm.job import MaskLLMConfig, run_maskllm
+    from llmprune.report import summary
+
+    opts = vars(args)
+    opts.pop("command")
+    quiet = opts.pop("quiet", False)
+    config = MaskLLMConfig(**opts)
+    job = run_maskllm(config, progress=not quiet)
+    print(summary(job.report))
+    if config.out:
+        print(f"saved to {config.out} (masks: {config.out}/masks.npz, report: {config.out}/pruning.json)")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import os
     import tempfile
@@ -196,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
+    _maskllm_parser(sub)
     e = sub.add_parser("eval", help="perplexity of a model or a pruned directory")
     e.add_argument("model", help="bundled name, local HF dir (e.g. a pruned --out), .gguf file or hub id")
     e.add_argument("--ppl", default="wikitext2", help="comma-separated: wikitext2,c4,FILE")
@@ -217,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}[args.command](args)
+        commands = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "eval": _cmd_eval, "report": _cmd_report,
+                    "masks": _cmd_masks}
+        return commands[args.command](args)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2

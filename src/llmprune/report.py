@@ -36,6 +36,16 @@ def summary(report: dict) -> str:
         m = report["masks"]
         return "\n".join([f"model {report['model']['name']} ({report['model']['class']}) with masks from {m['file']}",
                           f"sparsity of decoder linears: {report['sparsity']:.4f}"])
+    if report.get("kind") == "maskllm":
+        m = report["maskllm"]
+        final = m.get("final") or {}
+        lines = [f"model {report['model']['name']} ({report['model']['class']})",
+                 f"maskllm {report['target']}, prior {m['prior']}, {m['steps']} steps, {m['tokens']} tokens "
+                 f"of {m['data']}" + (f", final loss {final['loss']:.4f}" if "loss" in final else ""),
+                 f"sparsity of decoder linears: {report['sparsity']:.4f}",
+                 "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in report["timings"].items()),
+                 f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}"]
+        return "\n".join(lines + format_ppl(report.get("ppl", {})))
     r = report["recipe"]
     t = report["timings"]
     lines = [

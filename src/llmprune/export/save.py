@@ -17,7 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,11 +318,12 @@ def update_report(out: str | Path, report: dict) -> Path:
 
 
 def save_pruned(model, tokenizer, out: str | Path, report: dict, recipe_yaml: str | None = None,
-                overwrite: bool = False, extra_files: dict[str, bytes] | None = None,
+                overwrite: bool = False, extra_files: dict[str, bytes | Callable[[Path], object]] | None = None,
                 inputs: Iterable[str | Path] = ()) -> Path:
     """Write safetensors + config + tokenizer + ``pruning.json`` (+ ``recipe.yaml``) to ``out``.
 
-    ``extra_files`` (name → bytes, e.g. the allocation plot) land in the same atomic write.
+    ``extra_files`` (name → bytes, or a function that writes the given path) land in the same
+    atomic write (e.g. the allocation plot, a mask file).
     ``inputs`` (model dir, data files) are paths ``out`` must not touch. With ``model=None`` only
     the report of an existing output is replaced (:func:`update_report`).
     """
@@ -336,7 +337,10 @@ def save_pruned(model, tokenizer, out: str | Path, report: dict, recipe_yaml: st
         if recipe_yaml is not None:
             (tmp / RECIPE_FILE).write_text(recipe_yaml)
         for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+            if callable(data):  # a writer, e.g. MaskSet.save
+                data(tmp / name)
+            else:
+                (tmp / name).write_bytes(data)
         write_json(tmp / REPORT_FILE, report)
     return Path(out)
 

@@ -84,6 +84,7 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
     stream = PackedStream(corpus, tokenizer, opts.seqlen, opts.seed)
     fingerprint = model_fingerprint(model, opts.pattern)
 
+    prior_name = prior if isinstance(prior, str) or prior is None else "masks"
     t0 = time.perf_counter()
     if isinstance(prior, str) and ckpt is None:  # a resumed run takes its logits from the checkpoint
         # calibrate on the training text by default, in windows as long as the training ones
@@ -106,7 +107,7 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
         raise
     keep = detach_masks(model, apply=True)
     report = {"pattern": opts.pattern, "steps": trainer.step, "options": opts.model_dump(),
-              "prior": prior if isinstance(prior, str) or prior is None else "masks",
+              "prior": prior_name,
               "data": corpus.label, "world_size": acc.num_processes,
               "tokens": stream.state.windows * opts.seqlen, "prior_seconds": prior_s,
               "train_seconds": train_s, "final": log[-1] if log else None,
