@@ -99,10 +99,9 @@ def _cmd_maskllm(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
     from pathlib import Path
 
+    from llmprune.export.save import write_json
     from llmprune.pipeline import evaluate
 
     out = Path(args.json).expanduser() if args.json else None
@@ -126,15 +125,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{name}: PPL {r['ppl']:.3f}  ({r['label']}, {r['windows']} x {r['seqlen']} tokens, {r['seconds']:.1f}s)")
     print(f"sparsity of decoder linears: {sparsity:.4f}")
     if out is not None:
-        # Write beside the target and rename: never a half-written JSON file.
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"model": args.model, "sparsity": sparsity, "ppl": res}, f, indent=2)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(out, {"model": args.model, "sparsity": sparsity, "ppl": res})  # atomic
     return 0
 
 
