@@ -111,8 +111,9 @@ def greedy_remove(W: torch.Tensor, P: torch.Tensor, n_remove: int, block: int = 
         cost = torch.where(removed, torch.inf, (Wc * Wc).sum(1) / torch.where(removed, 1, d))
         idx = torch.topk(cost, m, largest=False).indices
         B = _spd_inverse(Q[idx][:, idx])  # (m, m)
-        Wc -= Q[:, idx] @ (B @ Wc[idx])
-        Q -= Q[:, idx] @ B @ Q[idx]
+        Qc = Q[:, idx]  # a copy (advanced indexing), so the in-place updates below may overwrite Q
+        Wc.addmm_(Qc, B @ Wc[idx], alpha=-1)
+        Q.addmm_(Qc, B @ Qc.T, alpha=-1)  # Q is symmetric: Q[idx] = Qcᵀ
         Wc[idx] = 0
         Q[idx] = 0
         Q[:, idx] = 0
