@@ -385,3 +385,26 @@ def test_bad_input_is_one_clear_error_before_any_work(model_fn, opts, msg, monke
 def test_ids_shape_must_match_the_options():
     with pytest.raises(LLMPruneError, match="ids has shape"):
         structured(tiny_model("llama", layers=2), ids=calib(4), ratio=0.5, round_to=16, nsamples=NS, seqlen=SL)
+
+
+# --- the whole job ----------------------------------------------------------------------------
+def test_structured_job_saves_and_reports(tiny_dirs, shared_data, tmp_path):
+    from llmprune.structured.job import structured_job
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join((shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text().splitlines()[:300]))
+    out = tmp_path / "out"
+    r = structured_job(str(tiny_dirs["llama"]), ratio=0.25, round_to=16, calib=str(text), nsamples=4,
+                       seqlen=SL, ppl=[str(text)], max_windows=2, speed=True, out=str(out),
+                       device="cpu", progress=False)
+    saved = json.loads((out / "pruning.json").read_text())
+    assert saved["ppl"]["before"] and saved["ppl"]["after"] and saved["speed"]["after"]["decode_tok_s"] > 0
+    assert saved["params"]["after"] < saved["params"]["before"] == r.report["params"]["before"]
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 96
+    assert (out / "recipe.yaml").is_file() and (out / "tokenizer.json").is_file()
+    # a foreign non-empty directory is refused before the model loads
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(LLMPruneError, match="did not write"):
+        structured_job("/nonexistent/model", ratio=0.25, calib=str(text), out=str(foreign), device="cpu")
