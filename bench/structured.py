@@ -118,6 +118,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _speedup(run: dict, key: str, speed: dict | None = None) -> float:
+    """Pruned / dense tokens per second, the dense one measured right before the run."""
+    return (speed or run["speed"])[key] / run["dense_speed"][key]
+
+
 def markdown(result: dict) -> str:
     dense = result.get("dense")
     lines = []
@@ -139,7 +144,7 @@ def markdown(result: dict) -> str:
                     continue
                 cell = f"{r['ppl']:.2f} (−{_pct(r['removed_share'])} params, err {r['recon_error']:.4f}"
                 if dense:
-                    cell += f", decode ×{r['speed']['decode_tok_s'] / dense['speed']['decode_tok_s']:.2f}"
+                    cell += f", decode ×{_speedup(r, 'decode_tok_s'):.2f}"
                     cell += f", rise/share {(r['ppl'] / dense['ppl'] - 1) / r['removed_share']:.2f}"
                 cells.append(cell + ")")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -148,12 +153,13 @@ def markdown(result: dict) -> str:
                   f"of parameters removed; Quark's Llama-2-7b row: {QUARK_RISE_PER_SHARE:.2f})."]
         speed_rows = [(k, r) for k, r in os_runs.items() if k.startswith("osscar@")]
         if speed_rows and dense:
-            lines += ["", "| model | params | prefill tok/s | decode tok/s |", "|---|---|---|---|",
-                      f"| dense | {dense['params'] / 1e6:.1f} M | {dense['speed']['prefill_tok_s']:.0f} | "
-                      f"{dense['speed']['decode_tok_s']:.1f} |"]
+            lines += ["", "| model | params | prefill tok/s (dense) | decode tok/s (dense) | prefill × | decode × |",
+                      "|---|---|---|---|---|---|"]
             for k, r in sorted(speed_rows):
-                lines.append(f"| {k} | {r['params'] / 1e6:.1f} M | {r['speed']['prefill_tok_s']:.0f} | "
-                             f"{r['speed']['decode_tok_s']:.1f} |")
+                s, d = r["speed"], r["dense_speed"]
+                lines.append(f"| {k} | {r['params'] / 1e6:.1f} M | {s['prefill_tok_s']:.0f} "
+                             f"({d['prefill_tok_s']:.0f}) | {s['decode_tok_s']:.1f} ({d['decode_tok_s']:.1f}) | "
+                             f"{_speedup(r, 'prefill_tok_s'):.2f} | {_speedup(r, 'decode_tok_s'):.2f} |")
     depth = result["results"].get("depth", {})
     if depth:
         lines += ["", "### Depth (k consecutive layers)", "",
@@ -171,11 +177,12 @@ def markdown(result: dict) -> str:
         lines += ["", "Cell: WikiText-2 PPL without the block each score chooses (which layers)."]
         for key in sorted(depth, key=lambda s: int(s[1:])):
             d = depth[key]
-            if dense and d.get("speed"):
-                s = next(iter(d["speed"].values()))
+            if d.get("speed"):
+                start = str(d["blocks"]["ppl"])
+                s, ds = d["speed"][start], d["dense_speed"][start]
                 lines.append(f"k={d['k']}: {d['params'] / 1e6:.1f} M params, prefill "
-                             f"{s['prefill_tok_s']:.0f} tok/s, decode {s['decode_tok_s']:.1f} tok/s "
-                             f"(×{s['decode_tok_s'] / dense['speed']['decode_tok_s']:.2f}).")
+                             f"{s['prefill_tok_s']:.0f} tok/s (×{s['prefill_tok_s'] / ds['prefill_tok_s']:.2f}), "
+                             f"decode {s['decode_tok_s']:.1f} tok/s (×{s['decode_tok_s'] / ds['decode_tok_s']:.2f}).")
     c = result["config"]
     lines += ["", f"{c['model']}, calibration {c['nsamples']}×{c['seqlen']} C4 seed {c['seed']} "
               f"(ppl window score on the first {c['depth_nsamples']} rows), WikiText-2 test "
@@ -216,13 +223,19 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, out.with_suffix(".json"))
         out.with_suffix(".md").write_text(markdown(result) + "\n")
 
+    def speed(model) -> dict:
+        return measure_speed(model, args.prompt_len, args.new_tokens)
+
     def measure(model) -> dict:
+        """PPL, parameters and speed; the dense model's speed is measured again right before,
+        so a speed-up compares two measurements under the same machine load."""
         return {"ppl": perplexity(model, test_ids, args.ppl_seqlen, args.max_windows, progress=False)["ppl"],
-                "params": count_params(model),
-                "speed": measure_speed(model, args.prompt_len, args.new_tokens)}
+                "params": count_params(model), "dense_speed": speed(dense_model), "speed": speed(model)}
 
     if "dense" not in result:
-        result["dense"] = measure(dense_model)
+        result["dense"] = {"ppl": perplexity(dense_model, test_ids, args.ppl_seqlen, args.max_windows,
+                                             progress=False)["ppl"],
+                           "params": count_params(dense_model), "speed": speed(dense_model)}
         print(f"dense: PPL {result['dense']['ppl']:.3f}", flush=True)
         save()
     dense_params = result["dense"]["params"]
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             m = measure(m_k)
             d["ppl"][str(start)] = m["ppl"]
             d["speed"][str(start)] = m["speed"]
+            d.setdefault("dense_speed", {})[str(start)] = m["dense_speed"]
             d["params"] = m["params"]
             print(f"depth k={k} layers {start}–{start + k - 1}: PPL {m['ppl']:.3f}  decode "
                   f"{m['speed']['decode_tok_s']:.1f} tok/s", flush=True)

@@ -132,6 +132,24 @@ def test_refit_beats_no_refit_and_greedy_beats_the_channel_score():
     assert on.recon_error < baseline.recon_error
 
 
+def test_dense_target_fits_another_output():
+    X, H, W = problem(5, n=16, d=4, tokens=80)
+    # the same target as the default path: the same channels and weights
+    same = O.osscar_prune(W.T.float(), H.float(), 8, XtY=H @ W, YtY=float((W * (H @ W)).sum()))
+    ref = O.osscar_prune(W.T.float(), H.float(), 8)
+    assert torch.equal(same.keep, ref.keep)
+    torch.testing.assert_close(same.down, ref.down, rtol=1e-4, atol=1e-5)
+    # another target Y (the dense model's stream): the reported error is ‖Y − X_S Ŵ_S‖² / ‖Y‖²
+    Xd = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(9), dtype=X.dtype)
+    Y = Xd @ W
+    res = O.osscar_prune(W.T.float(), H.float(), 8, XtY=X.T @ Y, YtY=float((Y * Y).sum()))
+    direct = ((Y - X[:, res.keep] @ res.down.T.double()) ** 2).sum() / (Y * Y).sum()
+    assert res.recon_error == pytest.approx(float(direct), rel=1e-3)
+    # and it fits Y better than the weights fitted to X W do
+    other = ((Y - X[:, ref.keep] @ ref.down.T.double()) ** 2).sum() / (Y * Y).sum()
+    assert res.recon_error < float(other)
+
+
 def test_spearman_and_ranks():
     assert D.ranks([3.0, 1.0, 2.0, 1.0]) == [4.0, 1.5, 3.0, 1.5]
     assert D.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
@@ -173,6 +191,20 @@ def test_osscar_beats_the_channel_score_baseline_per_layer():
                                 progress=False, **opts).report["osscar"]["layers"]
     # layer 0 sees the same inputs in both runs: a like-for-like comparison
     assert runs["osscar"][0]["recon_error"] < runs["baseline"][0]["recon_error"]
+
+
+def test_osscar_dense_target_runs_a_dense_stream():
+    ids = calib()
+    runs = {}
+    for dense_target in (False, True):
+        model = tiny_model("mistral", layers=2)
+        runs[dense_target] = structured(model, ids=ids, ratio=0.5, round_to=8, nsamples=NS, seqlen=SL,
+                                        dense_target=dense_target, progress=False).report["osscar"]["layers"]
+    # layer 0 sees the same inputs on both streams: the same choice
+    assert runs[True][0]["removed"] == runs[False][0]["removed"]
+    assert runs[True][0]["recon_error"] == pytest.approx(runs[False][0]["recon_error"], rel=1e-3)
+    assert 0 < runs[True][1]["recon_error"] < 1
+    assert torch.isfinite(model(ids[:1]).logits).all() and model.config.intermediate_size == 64
 
 
 def test_osscar_statistics_come_from_the_pruned_previous_layers(monkeypatch):

@@ -21,7 +21,8 @@ from torch import nn
 
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
-from llmprune.engine.sequential import LayerWalk
+from llmprune.engine.capture import layer_output
+from llmprune.engine.sequential import BATCH_SIZE, LayerWalk
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
 from llmprune.models.layers import context_length
@@ -171,19 +172,28 @@ def run_osscar(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, option
                device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """Shrink every MLP to ``plan.width`` channels, layer by layer; the report's ``osscar`` part."""
     walk = LayerWalk(model, ids, device, "osscar", progress)
+    # dense_target: a second stream, the dense model's hidden states, gives each down_proj's target
+    dense_in = walk.inps.clone() if options.dense_target else None
+    dense_out = torch.empty_like(dense_in) if options.dense_target else None
     entries = []
     for i, layer in walk:
         t0 = time.perf_counter()
         trip = mlp_triplet(layer)
-        stats = walk.collect(layer, XTX)
-        H = stats.get(trip.down)["xtx"]
-        del stats  # the other linears' XᵀX: only down_proj's is needed
         down = layer.get_submodule(trip.down)
+        target = {}
+        if options.dense_target:
+            H, target["XtY"], target["YtY"] = paired_stats(layer, down, walk.inps, dense_in,
+                                                           walk.layer_kwargs[i], dense_out)
+            dense_in, dense_out = dense_out, dense_in
+        else:
+            stats = walk.collect(layer, XTX)
+            H = stats.get(trip.down)["xtx"]
+            del stats  # the other linears' XᵀX: only down_proj's is needed
         res = osscar_prune(down.weight, H, plan.width, greedy=options.greedy,
                            local_search_swaps=options.swaps if options.local_search else 0,
                            refit_down=options.refit, block=options.greedy_block,
-                           candidates=options.candidates, percdamp=options.percdamp)
-        del H
+                           candidates=options.candidates, percdamp=options.percdamp, **target)
+        del H, target
         removed = sorted(set(range(plan.intermediate)) - set(res.keep.tolist()))
         shrink_mlp(layer, trip, res.keep, res.down)
         entries.append({"index": i, "width": plan.width, "removed": removed,
@@ -196,8 +206,36 @@ def run_osscar(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, option
     return {"intermediate_size": {"before": plan.intermediate, "after": plan.width},
             "removed_ratio": 1 - plan.width / plan.intermediate,
             "selection": "greedy (OBS costs)" if options.greedy else "channel score ‖W‖·‖X‖",
+            "target": "dense model's down_proj outputs" if options.dense_target else "this layer's own outputs",
             "mean_recon_error": sum(e["recon_error"] for e in entries) / len(entries),
             "layers": entries}
+
+
+@torch.no_grad()
+def paired_stats(layer: nn.Module, down: nn.Linear, inps: torch.Tensor, dense_inps: torch.Tensor,
+                 kwargs: dict, dense_outs: torch.Tensor,
+                 batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(XᵀX, XᵀY, ‖Y‖²)`` of ``down``: X its inputs on the pruned stream ``inps``, Y its
+    output (bias left out: it is kept) on the dense stream ``dense_inps``, row by row paired.
+    The dense layer's outputs go to ``dense_outs``, the next layer's dense inputs."""
+    seen: list[torch.Tensor] = []
+    hook = down.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).float()))
+    W = down.weight.float()
+    H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
+    XtY = torch.zeros(W.shape[1], W.shape[0], device=W.device)
+    YtY = 0.0
+    try:
+        for j in range(0, inps.shape[0], batch_size):
+            seen.clear()
+            layer(inps[j : j + batch_size], **kwargs)
+            dense_outs[j : j + batch_size] = layer_output(layer(dense_inps[j : j + batch_size], **kwargs))
+            X, Y = seen[0], seen[1] @ W.T
+            H.addmm_(X.T, X)
+            XtY.addmm_(X.T, Y)
+            YtY += float((Y * Y).sum())
+    finally:
+        hook.remove()
+    return H, XtY, YtY
 
 
 @torch.no_grad()

@@ -43,6 +43,9 @@ class StructuredOptions(Options):
                                                               "while the error drops")
     refit: bool = Field(True, strict=True, description="osscar: least-squares re-fit of down_proj on the "
                                                        "kept channels (off: keep its dense columns)")
+    dense_target: bool = Field(False, strict=True, description="osscar: fit each down_proj to the dense "
+                                                               "model's output (the reference's fullseq; "
+                                                               "one more forward per layer) instead of its own")
     greedy_block: PositiveInt = Field(1, description="osscar: channels removed per greedy step (one "
                                                      "low-rank inverse update each)")
     swaps: NonNegativeInt = Field(100, description="osscar: most local-search swaps per layer")

@@ -185,38 +185,56 @@ def refit(W: torch.Tensor, Hd: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
 
 def osscar_prune(W_down: torch.Tensor, H: torch.Tensor, width: int, *, greedy: bool = True,
                  local_search_swaps: int = 100, refit_down: bool = True, block: int = 1,
-                 candidates: int = 64, percdamp: float = 0.01) -> OSSCARResult:
+                 candidates: int = 64, percdamp: float = 0.01, XtY: torch.Tensor | None = None,
+                 YtY: float | None = None) -> OSSCARResult:
     """Keep ``width`` of the ``I`` input channels of ``W_down (d, I)`` given ``H = XᵀX (I, I)``.
 
     ``greedy=False`` selects by :func:`channel_scores` instead (the baseline);
     ``local_search_swaps=0`` skips the swaps; ``refit_down=False`` keeps the dense columns.
+
+    ``XtY (I, d)`` and ``YtY = ‖Y‖²`` fit another target ``Y`` than ``X W`` (the dense model's
+    output of this down_proj, as the reference's ``fullseq``): every step then works on
+    ``W* = H'⁻¹(XᵀY + λW)``, since ``‖Y − XŴ‖² + λ‖W − Ŵ‖² = (Ŵ − W*)ᵀH'(Ŵ − W*) + const``.
     """
     d, inter = W_down.shape
     if H.shape != (inter, inter):
         raise ValueError(f"H has shape {tuple(H.shape)}, expected ({inter}, {inter})")
     if not 0 < width <= inter:
         raise ValueError(f"width must be in [1, {inter}], got {width}")
+    if (XtY is None) != (YtY is None):
+        raise ValueError("give XtY and YtY together")
     W = W_down.detach().to(DTYPE).T.contiguous()  # (I, d)
+    H64 = H.to(DTYPE)
     Hd, P, damp = damped(H, percdamp)
+    if XtY is None:
+        Wt = W
+    else:  # the least-squares target with every channel kept
+        lam = damp * torch.diagonal(H64).mean()
+        Wt = P @ (XtY.to(DTYPE) + lam * W)
     errors = {}
     if greedy:
-        removed = greedy_remove(W, P, inter - width, block)
-        errors["greedy"] = objective(W, P, removed)
+        removed = greedy_remove(Wt, P, inter - width, block)
+        errors["greedy"] = objective(Wt, P, removed)
     else:
         removed = torch.ones(inter, dtype=torch.bool, device=W.device)
-        removed[torch.topk(channel_scores(W, H.to(DTYPE)), width).indices] = False
-        errors["channel_score"] = objective(W, P, removed)
+        removed[torch.topk(channel_scores(W, H64), width).indices] = False
+        errors["channel_score"] = objective(Wt, P, removed)
     swaps = 0
     if local_search_swaps > 0 and width < inter:
-        removed, swaps = local_search(W, P, removed, local_search_swaps, candidates)
-        errors["local_search"] = objective(W, P, removed)
+        removed, swaps = local_search(Wt, P, removed, local_search_swaps, candidates)
+        errors["local_search"] = objective(Wt, P, removed)
     keep = (~removed).nonzero().squeeze(1)
-    W_new = refit(W, Hd, keep) if refit_down and width < inter else W[keep]
-    diff = W.clone()
-    diff[keep] -= W_new
-    H64 = H.to(DTYPE)
-    dense = float((W * (H64 @ W)).sum())
-    err = float((diff * (H64 @ diff)).sum())
+    fit = refit_down and (width < inter or XtY is not None)
+    W_new = refit(Wt, Hd, keep) if fit else W[keep]
+    if XtY is None:  # ‖X(W − Ŵ)‖² from the difference: exactly 0 when nothing changed
+        diff = W.clone()
+        diff[keep] -= W_new
+        dense = float((W * (H64 @ W)).sum())
+        err = float((diff * (H64 @ diff)).sum())
+    else:  # ‖Y − X_S Ŵ_S‖² = ‖Y‖² − 2 tr(Ŵ_Sᵀ (XᵀY)_S) + tr(Ŵ_Sᵀ H_SS Ŵ_S)
+        dense = float(YtY)
+        G = XtY.to(DTYPE)[keep]
+        err = max(0.0, dense - 2 * float((W_new * G).sum()) + float((W_new * (H64[keep][:, keep] @ W_new)).sum()))
     return OSSCARResult(keep=keep, down=W_new.T.float().contiguous(), damping=damp, errors=errors,
                         recon_error=err / dense if dense > 0 else (0.0 if err == 0 else math.inf),
                         swaps=swaps)
