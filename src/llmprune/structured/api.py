@@ -29,7 +29,13 @@ from llmprune.models.layers import context_length
 from llmprune.structured import depth as D
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.osscar import mlp_width, osscar_prune
-from llmprune.structured.shrink import drop_layers, set_intermediate_size, shrink_mlp, text_config
+from llmprune.structured.shrink import (
+    config_changes,
+    drop_layers,
+    set_intermediate_size,
+    shrink_mlp,
+    text_config,
+)
 
 XTX = frozenset({"xtx"})
 
@@ -98,6 +104,7 @@ def _depth_k(model: nn.Module, layers: nn.ModuleList, options: StructuredOptions
                                 f"({per_layer / count_params(model):.3f} of the parameters each)")
     if k >= n:
         raise LLMPruneError(f"cannot remove {k} of the model's {n} layers: k must be below {n}")
+    config_changes(text_config(model), n, list(range(n - k)))  # per-layer config lists it can slice
     return k
 
 

@@ -96,7 +96,7 @@ def check_drop(n_layers: int, drop: Iterable[int]) -> list[int]:
     return drop
 
 
-def _config_changes(config, n_layers: int, kept: list[int]) -> dict[str, object]:
+def config_changes(config, n_layers: int, kept: list[int]) -> dict[str, object]:
     """New values of the per-layer config entries for the layers ``kept`` (old indices)."""
     changes: dict[str, object] = {"num_hidden_layers": len(kept)}
     new_index = {old: new for new, old in enumerate(kept)}
@@ -133,7 +133,7 @@ def drop_layers(model: nn.Module, drop: Iterable[int]) -> Callable[[], None]:
     drop = check_drop(n, drop)
     kept = [i for i in range(n) if i not in set(drop)]
     config = text_config(model)
-    changes = _config_changes(config, n, kept)
+    changes = config_changes(config, n, kept)
     old_config = {k: getattr(config, k) for k in changes}
     old_layers = list(layers)
     old_idx = [(m, m.layer_idx) for layer in old_layers for m in _layer_indices(layer)]
