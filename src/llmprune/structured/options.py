@@ -1,0 +1,83 @@
+"""The options of structured pruning, declared once (CLI flags, YAML keys and keywords derive
+from here like ``prune``'s). Calibration keys (``calib``, ``nsamples``, ``seqlen``, ``seed``)
+mean what they mean for ``prune``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from llmprune.errors import LLMPruneError
+from llmprune.options import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    Options,
+    PositiveInt,
+    error_message,
+    number,
+)
+
+UnitInterval = number(float, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+class StructuredOptions(Options):
+    """OSSCAR MLP-width pruning or depth pruning of a whole model."""
+
+    method: Literal["osscar", "depth"] = Field("osscar", description="osscar: remove MLP channels | "
+                                                                      "depth: remove consecutive layers")
+    ratio: UnitInterval | None = Field(None, description="osscar: share of each MLP's intermediate channels "
+                                                         "removed, in (0, 1)")
+    param_ratio: UnitInterval | None = Field(None, description="share of all model parameters removed, in "
+                                                               "(0, 1) (instead of --ratio / --layers)")
+    layers: PositiveInt | None = Field(None, description="depth: number k of consecutive layers removed")
+    score: Literal["ppl", "cosine", "angular"] = Field(
+        "ppl", description="depth: how windows are ranked: ppl (calibration perplexity without the "
+                           "window) | cosine (1 − cos of the block's input and output) | angular")
+    compare_scores: bool = Field(False, strict=True, description="depth: also compute the ppl score of "
+                                                                 "every window when ranking by a cheap one")
+    round_to: PositiveInt = Field(64, description="osscar: the kept width is a multiple of this")
+    greedy: bool = Field(True, strict=True, description="osscar: greedy removal by OBS costs (off: keep "
+                                                        "the channels with the largest ‖W‖·‖X‖)")
+    local_search: bool = Field(True, strict=True, description="osscar: swap kept and removed channels "
+                                                              "while the error drops")
+    refit: bool = Field(True, strict=True, description="osscar: least-squares re-fit of down_proj on the "
+                                                       "kept channels (off: keep its dense columns)")
+    dense_target: bool = Field(False, strict=True, description="osscar: fit each down_proj to the dense "
+                                                               "model's output (the reference's fullseq; "
+                                                               "one more forward per layer) instead of its own")
+    greedy_block: PositiveInt = Field(1, description="osscar: channels removed per greedy step (one "
+                                                     "low-rank inverse update each)")
+    swaps: NonNegativeInt = Field(100, description="osscar: most local-search swaps per layer")
+    candidates: PositiveInt = Field(64, description="osscar: kept channels tried per local-search swap")
+    percdamp: NonNegativeFloat = Field(0.01, description="osscar: damping of XᵀX, a fraction of its mean "
+                                                         "diagonal")
+    calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
+    nsamples: PositiveInt = Field(128, description="calibration windows")
+    seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
+    seed: NonNegativeInt = Field(0, description="calibration sampling seed")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise LLMPruneError(error_message(e, type(self).model_fields)) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StructuredOptions:
+        if self.method == "osscar":
+            size, wrong = "ratio", "layers"
+        else:
+            size, wrong = "layers", "ratio"
+        if getattr(self, wrong) is not None:
+            raise ValueError(f"--{wrong} does not apply to --method {self.method}; give --{size} or --param-ratio")
+        given = [k for k in (size, "param_ratio") if getattr(self, k) is not None]
+        if len(given) != 1:
+            what = "both" if given else "neither"
+            raise ValueError(f"--method {self.method} needs exactly one of --{size} and --param-ratio "
+                             f"({what} given)")
+        return self
+
+    def replace(self, **changes: Any) -> StructuredOptions:
+        """A validated copy with ``changes`` applied (unknown keys are errors)."""
+        return type(self)(**{**self.model_dump(), **changes})

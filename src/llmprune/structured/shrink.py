@@ -1,0 +1,167 @@
+"""Make a model physically smaller, keeping its config a standard one of its family.
+
+- **width**: keep some intermediate channels of a gated MLP — rows of gate/up (both halves of a
+  fused ``gate_up_proj``) and the matching columns of down — and set ``intermediate_size``;
+- **depth**: delete decoder layers, set ``num_hidden_layers``, slice the per-layer config
+  lists (``layer_types``, ...), recount thresholds such as Qwen2's ``max_window_layers``, and
+  renumber every module's ``layer_idx`` so the KV cache indexes the layers that remain.
+
+Depth removal returns an *undo* so the window search can try a block and put it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from llmprune.errors import LLMPruneError
+from llmprune.models.adapter import MLPTriplet, decoder_layers
+
+# Config lists with one entry per decoder layer (sliced when layers go).
+PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_block_type",
+                   "sliding_window_layers", "swa_layers")
+# Config lists of layer *indices* (renumbered when layers go).
+LAYER_INDEX_LISTS = ("mlp_only_layers",)
+# Config counts "the first n layers are special" (recounted over the kept layers).
+LAYER_THRESHOLDS = ("max_window_layers", "first_k_dense_replace")
+
+
+def text_config(model: nn.Module):
+    """The config that describes the decoder stack (the text config of multimodal models)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+# --- width --------------------------------------------------------------------------------------
+@torch.no_grad()
+def _set_weight(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Give ``lin`` new (smaller) parameters in place, keeping its dtype and device."""
+    w = lin.weight
+    lin.weight = nn.Parameter(weight.to(device=w.device, dtype=w.dtype).contiguous(), requires_grad=False)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(bias.to(device=w.device, dtype=lin.bias.dtype).contiguous(), requires_grad=False)
+    lin.out_features, lin.in_features = lin.weight.shape
+
+
+@torch.no_grad()
+def shrink_mlp(layer: nn.Module, triplet: MLPTriplet, keep: torch.Tensor,
+               down_weight: torch.Tensor | None = None) -> None:
+    """Keep the intermediate channels ``keep`` of ``layer``'s MLP, in place.
+
+    ``down_weight (d, len(keep))`` replaces down's kept columns (OSSCAR's re-fit); without it
+    they keep their values. down's bias is unchanged: it does not depend on the channels.
+    """
+    keep = keep.to(torch.long).cpu()
+    inter = triplet.intermediate
+    if keep.numel() == 0 or keep.min() < 0 or keep.max() >= inter or keep.unique().numel() != keep.numel():
+        raise ValueError(f"keep must be distinct channel indices in [0, {inter})")
+    for name in triplet.rows:
+        lin = layer.get_submodule(name)
+        rows = torch.cat([keep, keep + inter]) if triplet.fused_gate_up else keep
+        rows = rows.to(lin.weight.device)
+        _set_weight(lin, lin.weight[rows], lin.bias[rows] if lin.bias is not None else None)
+    down = layer.get_submodule(triplet.down)
+    new = down.weight[:, keep.to(down.weight.device)] if down_weight is None else down_weight
+    if tuple(new.shape) != (down.out_features, keep.numel()):
+        raise ValueError(f"down weight has shape {tuple(new.shape)}, expected ({down.out_features}, {keep.numel()})")
+    _set_weight(down, new, down.bias)
+    mlp = layer.get_submodule(triplet.down.rpartition(".")[0]) if "." in triplet.down else layer
+    if isinstance(getattr(mlp, "intermediate_size", None), int):  # e.g. LlamaMLP keeps it
+        mlp.intermediate_size = keep.numel()
+
+
+def set_intermediate_size(model: nn.Module, width: int) -> None:
+    """Write the common MLP width into the config (every layer must have it)."""
+    config = text_config(model)
+    if not isinstance(getattr(config, "intermediate_size", None), int):
+        raise LLMPruneError(f"{type(config).__name__} has no integer intermediate_size to shrink")
+    config.intermediate_size = width
+    if config is not model.config and hasattr(model.config, "intermediate_size"):
+        model.config.intermediate_size = width
+
+
+# --- depth --------------------------------------------------------------------------------------
+def check_drop(n_layers: int, drop: Iterable[int]) -> list[int]:
+    """``drop`` as sorted distinct indices, leaving at least one layer."""
+    drop = sorted(set(int(i) for i in drop))
+    if not drop:
+        raise LLMPruneError("no layer to remove")
+    if drop[0] < 0 or drop[-1] >= n_layers:
+        raise LLMPruneError(f"layer indices {drop} out of range for {n_layers} layers")
+    if len(drop) >= n_layers:
+        raise LLMPruneError(f"removing {len(drop)} of {n_layers} layers leaves none")
+    return drop
+
+
+def config_changes(config, n_layers: int, kept: list[int]) -> dict[str, object]:
+    """New values of the per-layer config entries for the layers ``kept`` (old indices)."""
+    changes: dict[str, object] = {"num_hidden_layers": len(kept)}
+    new_index = {old: new for new, old in enumerate(kept)}
+    for key in PER_LAYER_LISTS:
+        v = getattr(config, key, None)
+        if isinstance(v, list | tuple):
+            if len(v) != n_layers:
+                raise LLMPruneError(f"config.{key} has {len(v)} entries for {n_layers} layers; cannot slice it")
+            changes[key] = type(v)(v[i] for i in kept)
+    for key in LAYER_INDEX_LISTS:
+        v = getattr(config, key, None)
+        if isinstance(v, list | tuple):
+            changes[key] = type(v)(new_index[i] for i in v if i in new_index)
+    for key in LAYER_THRESHOLDS:
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            changes[key] = sum(1 for i in kept if i < v)
+    return changes
+
+
+def _layer_indices(layer: nn.Module) -> list[nn.Module]:
+    return [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+
+def drop_layers(model: nn.Module, drop: Iterable[int]) -> Callable[[], None]:
+    """Delete the decoder layers ``drop`` in place; returns a function that puts them back.
+
+    After the call the model is a standard model of its family with fewer layers: the config
+    says so, and each attention module's ``layer_idx`` is its new position (the KV cache is
+    indexed by it).
+    """
+    layers = decoder_layers(model)
+    n = len(layers)
+    drop = check_drop(n, drop)
+    kept = [i for i in range(n) if i not in set(drop)]
+    config = text_config(model)
+    changes = config_changes(config, n, kept)
+    old_config = {k: getattr(config, k) for k in changes}
+    old_layers = list(layers)
+    old_idx = [(m, m.layer_idx) for layer in old_layers for m in _layer_indices(layer)]
+
+    for k, v in changes.items():
+        setattr(config, k, v)
+    for i in reversed(drop):
+        del layers[i]
+    for new, layer in enumerate(layers):
+        for m in _layer_indices(layer):
+            m.layer_idx = new
+
+    def undo() -> None:
+        del layers[:]
+        layers.extend(old_layers)
+        for k, v in old_config.items():
+            setattr(config, k, v)
+        for m, idx in old_idx:
+            m.layer_idx = idx
+
+    return undo
+
+
+@contextmanager
+def layers_removed(model: nn.Module, drop: Iterable[int]) -> Iterator[nn.Module]:
+    """The model without the layers ``drop`` inside the block; all of it again afterwards."""
+    undo = drop_layers(model, drop)
+    try:
+        yield model
+    finally:
+        undo()
