@@ -98,6 +98,36 @@ def _cmd_maskllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _structured_parser(sub) -> None:
+    from llmprune.structured.job import StructuredConfig
+
+    p = sub.add_parser("structured", help="make the model physically smaller: OSSCAR MLP width or depth",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
+    add_option_flags(p, StructuredConfig, skip=("model",))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_structured(args: argparse.Namespace) -> int:
+    from llmprune.structured.job import structured_job
+
+    opts = vars(args)
+    opts.pop("command")
+    quiet = opts.pop("quiet", False)
+    report = structured_job(opts.pop("model", "smollm2-135m"), progress=not quiet, **opts).report
+    params = report["params"]
+    print(f"{report['method']}: parameters {params['before']:,} -> {params['after']:,} "
+          f"({100 * params['removed_share']:.2f}% removed)")
+    for name, r in report["ppl"].get("after", {}).items():
+        print(f"  PPL {r['label']}: {report['ppl']['before'][name]['ppl']:.3f} -> {r['ppl']:.3f}")
+    speed = report.get("speed") or {}
+    if "decode_speedup" in speed:
+        print(f"  CPU decode x{speed['decode_speedup']:.2f}, prefill x{speed['prefill_speedup']:.2f}")
+    if opts.get("out"):
+        print(f"saved to {opts['out']} (report: {opts['out']}/pruning.json)")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -214,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
     _maskllm_parser(sub)
+    _structured_parser(sub)
     e = sub.add_parser("eval", help="perplexity of a model or a pruned directory")
     e.add_argument("model", help="bundled name, local HF dir (e.g. a pruned --out), .gguf file or hub id")
     e.add_argument("--ppl", default="wikitext2", help="comma-separated: wikitext2,c4,FILE")
@@ -235,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "eval": _cmd_eval, "report": _cmd_report,
-                    "masks": _cmd_masks}
+        commands = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "structured": _cmd_structured,
+                    "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}
         return commands[args.command](args)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)

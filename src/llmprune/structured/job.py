@@ -1,104 +1,118 @@
-"""A whole structured-pruning job: check → load → calibrate → measure → prune → save → measure.
+"""``llmprune structured``: structured pruning as stages, sharing the one-shot job's.
 
-What the ``llmprune structured`` command runs. Every check that needs no model (options,
-evaluation arguments, data files, the output directory, the device) runs before the model
-loads; the model's own checks (:func:`~llmprune.structured.api.plan_structured`) before any
-calibration. The saved directory is written atomically; the final numbers (PPL and speed after)
-replace its ``pruning.json`` once measured.
+validate → load → plan (the model's own checks) → calibrate → measure → prune → save → measure
+→ report. "measure" is perplexity and, with ``speed``, CPU prefill / decode tokens/s in this
+process. The saved directory is written atomically before the final measurements; the final
+numbers then replace its ``pruning.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import Any
 
 import torch
 import yaml
+from pydantic import Field, ValidationError
 from torch import nn
 
-from llmprune.config import resolve_device
+from llmprune.config import RunOptions
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
 from llmprune.errors import LLMPruneError
-from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_names
-from llmprune.eval.perplexity import evaluate as evaluate_ppl
-from llmprune.eval.placement import check_device
-from llmprune.export.save import check_output_dir, output_lock, save_pruned, update_report
-from llmprune.models.loading import check_model_exists, load_model
-from llmprune.structured.api import StructuredResult, _options, plan_structured, structured
+from llmprune.export.save import save_pruned
+from llmprune.options import error_message, validated
+from llmprune.pipeline import Job, check_run, evaluate_stage, job_inputs, load, report, run_stages
+from llmprune.structured.api import StructuredResult, plan_structured, structured
+from llmprune.structured.options import StructuredOptions
 from llmprune.structured.speed import measure_speed
 
 
-def structured_job(model: str | nn.Module, config=None, *, tokenizer=None, ids: torch.Tensor | None = None,
-                   ppl: list[str] | str = (), ppl_seqlen: int | None = None, max_windows: int | None = None,
-                   speed: bool = False, out: str | None = None, overwrite: bool = False,
-                   device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-                   progress: bool = True, **overrides: Any) -> StructuredResult:
-    """Load ``model`` (a name/path, or a loaded model plus ``tokenizer``), prune it as ``config``
-    (:class:`StructuredOptions` or a dict, plus ``overrides``) says, and report.
+class StructuredConfig(RunOptions, StructuredOptions):
+    """One structured-pruning job: the shared run options plus the method's own."""
 
-    ``ppl``: datasets for perplexity before and after (window ``ppl_seqlen``, default the
-    calibration seqlen); ``speed``: prefill / decode tokens/s before and after, measured in
-    this process where the model lives; ``out``: save the pruned model there.
+    speed: bool = Field(False, strict=True, description="measure CPU prefill / decode tokens/s before "
+                                                        "and after, in this process")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise LLMPruneError(error_message(e, type(self).model_fields)) from None
+
+    def validate(self) -> StructuredConfig:
+        validated(type(self), self.model_dump())
+        return self
+
+
+def validate(job: Job) -> None:
+    config: StructuredConfig = job.config.validate()
+    job.needs_tokenizer = job.ids is None
+    if job.ids is None:
+        job.data_files = [config.calib]
+        job.corpus = load_corpus(config.calib, "train")  # decoded before the model loads
+    check_run(job)
+
+
+def plan(job: Job) -> None:
+    plan_structured(job.model, job.config)  # widths, k, gated MLPs: before any calibration
+
+
+def calibrate(job: Job) -> None:
+    config = job.config
+    if job.ids is None:
+        job.ids = calibration_windows(job.corpus, job.tokenizer, config.nsamples, config.seqlen, config.seed)
+        job.corpus = None
+
+
+def measure_stage(when: str):
+    """Perplexity (the shared stage) and, with ``speed``, tokens/s of the model as it is now;
+    after pruning also the decode and prefill speed-ups."""
+    ppl = evaluate_stage(when)
+
+    def measure(job: Job) -> None:
+        ppl(job)
+        if job.config.speed:
+            speed = job.extra.setdefault("speed", {})
+            speed[when] = measure_speed(job.model)
+            if when == "after":
+                for k in ("decode", "prefill"):
+                    speed[f"{k}_speedup"] = speed["after"][f"{k}_tok_s"] / speed["before"][f"{k}_tok_s"]
+    measure.__name__ = f"measure_{when}"
+    return measure
+
+
+def prune(job: Job) -> None:
+    config: StructuredConfig = job.config
+    result = structured(job.model, job.tokenizer, StructuredOptions.pick(config), ids=job.ids,
+                        device=job.device, progress=job.progress)
+    job.report = result.report
+    job.report.pop("timings")  # the job's own stage timings stand for these
+    job.report.update(model={"name": config.model, "class": type(job.model).__name__}, device=job.device,
+                      ppl=job.ppl, speed=job.extra.setdefault("speed", {}), timings=job.timings)
+
+
+def save(job: Job) -> None:
+    config: StructuredConfig = job.config
+    if config.out:
+        recipe = yaml.safe_dump({"structured": config.model_dump(exclude={"out", "overwrite"})},
+                                sort_keys=False, allow_unicode=True)
+        job.saved = save_pruned(job.model, job.tokenizer, config.out, job.report, recipe, config.overwrite,
+                                inputs=job_inputs(job))
+
+
+STRUCTURED = (validate, load, plan, calibrate, measure_stage("before"), prune, save, measure_stage("after"),
+              report)
+
+
+def structured_job(model: str | nn.Module, config: StructuredConfig | dict | None = None, *, tokenizer=None,
+                   ids: torch.Tensor | None = None, progress: bool = True, **overrides: Any) -> StructuredResult:
+    """Run a structured job on ``model`` (a name/path, or a loaded model plus ``tokenizer``):
+    ``config`` (a :class:`StructuredConfig` or a dict) plus keyword ``overrides``, e.g.
+    ``structured_job("smollm2-135m", method="osscar", ratio=0.2, ppl="wikitext2", speed=True)``.
     """
-    options = _options(config, overrides)
-    dev = check_device(resolve_device(device))
-    names = eval_names(ppl) if ppl else []
-    seqlen = ppl_seqlen or options.seqlen
-    if names:
-        check_eval_args(seqlen, max_windows)
-    corpora = check_eval_data(names)
-    inputs = [model] if isinstance(model, str) else []
-    if ids is None:
-        inputs.append(options.calib)
-    corpus = load_corpus(options.calib, "train") if ids is None else None
-    with contextlib.ExitStack() as stack:
-        if out:
-            check_output_dir(out, overwrite, inputs)
-            stack.enter_context(output_lock(out))
-        if isinstance(model, str):
-            check_model_exists(model)
-            name = model
-            model, tokenizer = load_model(model, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
-        else:
-            name = type(model).__name__
-            if tokenizer is None and (ids is None or names):
-                raise LLMPruneError("pass tokenizer= along with a loaded model")
-        plan_structured(model, options)  # the model's own checks, before any calibration
-        timings: dict[str, float] = {}
-        if ids is None:
-            t0 = time.perf_counter()
-            ids = calibration_windows(corpus, tokenizer, options.nsamples, options.seqlen, options.seed)
-            timings["calibrate_s"] = time.perf_counter() - t0
-        before = _measure(model, tokenizer, names, seqlen, max_windows, corpora, speed, dev, progress)
-        result = structured(model, tokenizer, options, ids=ids, device=dev, progress=progress)
-        report = result.report
-        report["model"] = {"name": name, "class": type(model).__name__}
-        report["device"] = dev
-        report["timings"].update(timings)
-        report["ppl"] = {"before": before.get("ppl", {}), "after": {}}
-        report["speed"] = {"before": before.get("speed"), "after": None}
-        saved = None
-        if out:  # saved before the final measurements: a failure there loses nothing
-            recipe = yaml.safe_dump({"structured": options.model_dump()}, sort_keys=False, allow_unicode=True)
-            saved = save_pruned(model, tokenizer, out, report, recipe, overwrite, inputs=inputs)
-        after = _measure(model, tokenizer, names, seqlen, max_windows, corpora, speed, dev, progress)
-        report["ppl"]["after"] = after.get("ppl", {})
-        report["speed"]["after"] = after.get("speed")
-        if speed:
-            report["speed"]["decode_speedup"] = after["speed"]["decode_tok_s"] / before["speed"]["decode_tok_s"]
-            report["speed"]["prefill_speedup"] = after["speed"]["prefill_tok_s"] / before["speed"]["prefill_tok_s"]
-        if saved is not None:
-            update_report(saved, report)
-    return result
-
-
-def _measure(model, tokenizer, names, seqlen, max_windows, corpora, speed, device, progress) -> dict:
-    out: dict[str, Any] = {}
-    if names:
-        out["ppl"] = evaluate_ppl(model, tokenizer, names, seqlen, max_windows, progress, corpora=corpora,
-                                  device=device)
-    if speed:
-        out["speed"] = measure_speed(model)
-    return out
+    data = config.model_dump() if isinstance(config, StructuredConfig) else dict(config or {})
+    if isinstance(model, str):
+        overrides["model"] = model
+    cfg = StructuredConfig(**{**data, **overrides})
+    job = run_stages(Job(cfg, model, tokenizer, ids, progress), STRUCTURED)
+    return StructuredResult(job.model, job.report)
