@@ -12,6 +12,7 @@ FAST = ["--nsamples", "2", "--seqlen", "32", "-q"]
 
 @pytest.mark.parametrize("args,config_key,value", [
     (["--method", "osscar", "--ratio", "0.25", "--round-to", "16"], "intermediate_size", 96),
+    (["--ratio", "0.25", "--round-to", "16", "--no-greedy", "--no-local-search"], "intermediate_size", 96),
     (["--method", "depth", "--layers", "1", "--score", "cosine"], "num_hidden_layers", 1),
 ])
 def test_structured_cli_saves_a_smaller_model(tiny_dirs, tmp_path, capsys, args, config_key, value):
@@ -26,6 +27,7 @@ def test_structured_cli_saves_a_smaller_model(tiny_dirs, tmp_path, capsys, args,
     assert report["params"]["after"] < report["params"]["before"] and report["ppl"]["after"]
     assert {"load_s", "measure_before_s", "prune_s", "save_s", "measure_after_s"} <= set(report["timings"])
     AutoModelForCausalLM.from_pretrained(out)  # plain transformers
+    assert report["options"]["greedy"] == ("--no-greedy" not in args)
 
 
 @pytest.mark.parametrize("args,msg", [
