@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from llmprune.errors import LLMPruneError
 from llmprune.options import (
@@ -21,7 +21,7 @@ from llmprune.options import (
     NonNegativeInt,
     Options,
     PositiveInt,
-    error_message,
+    Recipe,
     validated,
 )
 from llmprune.sparsity.allocation import ALLOCATIONS, check_layer_ratios, check_owl_bounds
@@ -50,7 +50,7 @@ def _one_of(kind: str, choices) -> Any:
     return Annotated[str, AfterValidator(check)]
 
 
-class RunOptions(Options):
+class RunOptions(Recipe):
     """What every entry point (prune, maskllm, ...) shares: the model, devices, evaluation, output."""
 
     model: str = Field("smollm2-135m", description="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
@@ -139,22 +139,12 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
         elif self.layer_ratios is not None:
             raise LLMPruneError(f"--layer-ratios is only used with --allocation explicit (not {self.allocation})")
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise LLMPruneError(error_message(e, type(self).model_fields)) from None
-
     def validate(self) -> PruneConfig:
         """Check every field again (after attribute assignments); raise :class:`LLMPruneError`."""
-        validated(type(self), self.model_dump())
+        super().validate()
         if not self.has_target and self.allocation != "explicit":
             self.target  # noqa: B018 -- raises "give --sparsity ... or --pattern ..."
         return self
-
-    def replace(self, **changes: Any) -> PruneConfig:
-        """A validated copy with ``changes`` applied (unknown keys are errors)."""
-        return validated(type(self), {**self.model_dump(), **changes})
 
     def options_for(self, *owners: type[Options] | None) -> dict[type[Options], Options]:
         """The typed options of each owner (e.g. the method's and the solver's)."""

@@ -31,6 +31,26 @@ class Options(BaseModel):
         return cls.model_validate({k: getattr(source, k) for k in cls.model_fields})
 
 
+class Recipe(Options):
+    """Options a user writes (a recipe, flags, keywords): building one that is wrong raises a
+    one-line :class:`LLMPruneError`, not pydantic's report."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise LLMPruneError(error_message(e, type(self).model_fields)) from None
+
+    def validate(self) -> Recipe:
+        """Check every field again (e.g. after attribute assignments)."""
+        validated(type(self), self.model_dump())
+        return self
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A validated copy with ``changes`` applied (unknown keys are errors)."""
+        return validated(type(self), {**self.model_dump(), **changes})
+
+
 def _not_bool(v: Any) -> Any:
     # pydantic's lax mode reads True as 1: in a recipe that is always a mistake.
     if isinstance(v, bool):

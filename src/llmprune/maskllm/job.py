@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from llmprune.config import RunOptions
 from llmprune.data.sources import load_corpus
@@ -26,7 +26,7 @@ from llmprune.export.save import save_pruned
 from llmprune.maskllm.api import ONESHOT_PRIORS, maskllm
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.masks import MaskSet
-from llmprune.options import PositiveInt, error_message, validated
+from llmprune.options import PositiveInt
 from llmprune.pipeline import (
     Job,
     _versions,
@@ -52,16 +52,6 @@ class MaskLLMConfig(RunOptions, MaskLLMOptions):
                                                          "(drawn from --train-data, --seqlen tokens)")
     resume: str | None = Field(None, description="continue an interrupted run from its checkpoint "
                                                  "directory (OUT.ckpt)")
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise LLMPruneError(error_message(e, type(self).model_fields)) from None
-
-    def validate(self) -> MaskLLMConfig:
-        validated(type(self), self.model_dump())
-        return self
 
 
 def checkpoint_dir(out: str | None) -> Path | None:

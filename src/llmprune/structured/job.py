@@ -12,15 +12,13 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import nn
 
 from llmprune.config import RunOptions
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
-from llmprune.errors import LLMPruneError
 from llmprune.export.save import save_pruned
-from llmprune.options import error_message, validated
 from llmprune.pipeline import Job, check_run, evaluate_stage, job_inputs, load, report, run_stages
 from llmprune.structured.api import StructuredResult, plan_structured, structured
 from llmprune.structured.options import StructuredOptions
@@ -32,16 +30,6 @@ class StructuredConfig(RunOptions, StructuredOptions):
 
     speed: bool = Field(False, strict=True, description="measure CPU prefill / decode tokens/s before "
                                                         "and after, in this process")
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise LLMPruneError(error_message(e, type(self).model_fields)) from None
-
-    def validate(self) -> StructuredConfig:
-        validated(type(self), self.model_dump())
-        return self
 
 
 def validate(job: Job) -> None:

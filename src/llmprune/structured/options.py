@@ -4,24 +4,22 @@ mean what they mean for ``prune``."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from llmprune.errors import LLMPruneError
 from llmprune.options import (
     NonNegativeFloat,
     NonNegativeInt,
-    Options,
     PositiveInt,
-    error_message,
+    Recipe,
     number,
 )
 
 UnitInterval = number(float, lambda v: 0 < v < 1, "in (0, 1)")
 
 
-class StructuredOptions(Options):
+class StructuredOptions(Recipe):
     """OSSCAR MLP-width pruning or depth pruning of a whole model."""
 
     method: Literal["osscar", "depth"] = Field("osscar", description="osscar: remove MLP channels | "
@@ -57,12 +55,6 @@ class StructuredOptions(Options):
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
     seed: NonNegativeInt = Field(0, description="calibration sampling seed")
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise LLMPruneError(error_message(e, type(self).model_fields)) from None
-
     @model_validator(mode="after")
     def _consistent(self) -> StructuredOptions:
         if self.method == "osscar":
@@ -77,7 +69,3 @@ class StructuredOptions(Options):
             raise ValueError(f"--method {self.method} needs exactly one of --{size} and --param-ratio "
                              f"({what} given)")
         return self
-
-    def replace(self, **changes: Any) -> StructuredOptions:
-        """A validated copy with ``changes`` applied (unknown keys are errors)."""
-        return type(self)(**{**self.model_dump(), **changes})
