@@ -440,7 +440,7 @@ def test_packed_stream_joins_documents_with_eos_and_resumes(tokenizer):
 def test_training_that_cannot_fit_is_refused_with_numbers(tokenizer, no_training, monkeypatch):
     import llmprune.maskllm.memory as memory
 
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)
+    monkeypatch.setattr("llmprune.engine.memory.available_bytes", lambda device: 2**20)
     with pytest.raises(LLMPruneError, match=r"needs about .* GiB more on cpu \(logits .*lower --batch-size"):
         maskllm(tiny_model(), tokenizer, **FAST)
     parts = memory.estimate_train_bytes(tiny_model(), MaskLLMOptions(seqlen=32), 2, 4)

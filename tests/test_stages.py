@@ -40,7 +40,7 @@ def test_undecodable_calibration_fails_before_loading(tiny_dirs, capsys, monkeyp
 
 
 def test_memory_estimate_refuses_what_will_not_fit(tiny_dirs, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(pipeline, "available_bytes", lambda device: 10 * 2**20)
+    monkeypatch.setattr("llmprune.engine.memory.available_bytes", lambda device: 10 * 2**20)
     monkeypatch.setattr(pipeline, "run_sequential", lambda *a, **k: pytest.fail("pruning started"))
     rc = main(["prune", str(tiny_dirs["llama"]), "--sparsity", "0.5", "--nsamples", "4096",
                "--seqlen", "64", "--out", str(tmp_path / "o"), "-q"])

@@ -22,7 +22,7 @@ from torch import nn
 from llmprune.config import PruneConfig, RunOptions, resolve_device
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import Corpus, load_corpus
-from llmprune.engine.memory import GiB, available_bytes, estimate_bytes
+from llmprune.engine.memory import check_fits, estimate_bytes
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_names
@@ -157,15 +157,8 @@ class Job:
 
 def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: frozenset[str]) -> None:
     """Refuse calibration settings whose activations and statistics will not fit, with numbers."""
-    parts = estimate_bytes(model, config.nsamples, config.seqlen, needs)
-    free = available_bytes(device)
-    total = sum(parts.values())
-    if free is not None and total > 0.9 * free:
-        detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items())
-        raise LLMPruneError(
-            f"pruning needs about {total / GiB:.2f} GiB on {device} ({detail} GiB) but only "
-            f"{free / GiB:.2f} GiB is free; lower --nsamples ({config.nsamples}) or --seqlen "
-            f"({config.seqlen})")
+    check_fits(estimate_bytes(model, config.nsamples, config.seqlen, needs), device, "pruning",
+               f"lower --nsamples ({config.nsamples}) or --seqlen ({config.seqlen})")
 
 
 def job_inputs(job: Job) -> list[str]:

@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from llmprune.errors import LLMPruneError
 from llmprune.models.layers import decoder_layers, linear_layers
 
 GiB = 1024**3
@@ -52,3 +53,14 @@ def estimate_bytes(model: nn.Module, nsamples: int, seqlen: int, needs: frozense
     return {"activations": 2 * nsamples * seqlen * width * param.element_size(),
             "statistics": stats,
             "layer": sum(p.numel() * p.element_size() for p in layer.parameters())}
+
+
+def check_fits(parts: dict[str, int], device: str | torch.device, what: str, hint: str) -> None:
+    """Refuse, with the numbers, work whose estimated ``parts`` (bytes by name) exceed 90 % of
+    what is free on ``device``; ``hint`` says which settings to lower."""
+    free = available_bytes(device)
+    total = sum(parts.values())
+    if free is not None and total > 0.9 * free:
+        detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items() if v)
+        raise LLMPruneError(f"{what} needs about {total / GiB:.2f} GiB more on {device} ({detail} GiB) but only "
+                            f"{free / GiB:.2f} GiB is free; {hint}")

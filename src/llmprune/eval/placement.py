@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from llmprune.engine.memory import available_bytes
 from llmprune.errors import LLMPruneError
 from llmprune.models.layers import decoder_layers
 
@@ -52,9 +53,7 @@ def module_bytes(module: nn.Module) -> int:
 
 def free_device_memory(device: torch.device) -> int | None:
     """Free bytes on ``device``; None where there is no probe (CPU: the model is already there)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return None
+    return available_bytes(device) if device.type == "cuda" else None
 
 
 def workspace_bytes(model: nn.Module, batch_size: int, seqlen: int) -> int:

@@ -6,8 +6,7 @@ import math
 
 from torch import nn
 
-from llmprune.engine.memory import GiB, available_bytes
-from llmprune.errors import LLMPruneError
+from llmprune.engine.memory import check_fits
 from llmprune.maskllm.gumbel import masked_linears
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.models.layers import decoder_layers
@@ -39,13 +38,7 @@ def estimate_train_bytes(model: nn.Module, opts: MaskLLMOptions, n: int, m: int)
 
 def check_train_memory(model: nn.Module, opts: MaskLLMOptions, n: int, m: int) -> None:
     """Refuse a run whose training state clearly does not fit, with the numbers."""
-    device = next(model.parameters()).device
-    parts = estimate_train_bytes(model, opts, n, m)
-    free = available_bytes(device)
-    total = sum(parts.values())
-    if free is not None and total > 0.9 * free:
-        detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items() if v)
-        raise LLMPruneError(
-            f"MaskLLM training needs about {total / GiB:.2f} GiB more on {device} ({detail} GiB) but "
-            f"only {free / GiB:.2f} GiB is free; lower --batch-size ({opts.batch_size}) or --seqlen "
-            f"({opts.seqlen}) and raise --grad-accum, or spread the run over more devices")
+    check_fits(estimate_train_bytes(model, opts, n, m), next(model.parameters()).device,
+               "MaskLLM training",
+               f"lower --batch-size ({opts.batch_size}) or --seqlen ({opts.seqlen}) and raise "
+               "--grad-accum, or spread the run over more devices")
