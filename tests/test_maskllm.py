@@ -266,6 +266,21 @@ def test_training_flips_masks_and_ends_the_schedules(tokenizer, corpus):
     assert res.log[-1]["tau"] == pytest.approx(0.05) and res.log[-1]["kappa"] == pytest.approx(500)
 
 
+def test_only_the_trained_parameters_get_gradients(tokenizer, corpus, monkeypatch):
+    seen = {}
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.update({n: p.grad is not None for n, p in model.named_parameters()})
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    model = tiny_model()
+    maskllm(model, tokenizer, corpus=corpus, **{**FAST, "steps": 1})
+    assert seen and all(has == name.endswith(".logits") for name, has in seen.items()), seen
+    assert all(p.requires_grad for p in model.parameters())  # handed back trainable
+
+
 def test_interrupted_checkpoint_write_is_ignored(tokenizer, corpus, tmp_path):
     run(tokenizer, corpus, steps=2, checkpoint_every=1, work_dir=tmp_path)
     (tmp_path / "checkpoints" / ".step-00000003.tmp-1").mkdir()  # a write that never finished

@@ -132,6 +132,24 @@ def check_resume(path: str | Path, fingerprint: dict, opts: Options, world: int 
     return ckpt
 
 
+@contextlib.contextmanager
+def only_trained(model: nn.Module, opt: torch.optim.Optimizer):
+    """Freeze every parameter the optimiser does not train, for the duration.
+
+    A tied embedding / ``lm_head`` left trainable would cost a vocabulary-sized weight gradient
+    every step (and DDP would synchronise it).
+    """
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trained]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 class Trainer:
     """Train ``task``'s parameters of ``model`` on the LM loss plus the task's terms."""
 
@@ -204,11 +222,20 @@ class Trainer:
         ``until`` stops early after that many steps (schedules still span ``opts.steps``) and
         leaves a checkpoint there: the first half of a run that is resumed later.
         """
+
+        opt, sched = self._optimizer()
+        ckpt = None if resume is None else check_resume(resume, self.task.fingerprint(), self.opts,
+                                                        self.acc.num_processes)
+        with only_trained(self.model, opt):
+            self._loop(opt, sched, ckpt, until)
+        self._save(opt, sched)
+        self._write_log()
+        return self.log
+
+    def _loop(self, opt, sched, ckpt: Path | None, until: int | None) -> None:
         from tqdm.auto import tqdm
 
         o, acc = self.opts, self.acc
-        opt, sched = self._optimizer()
-        ckpt = None if resume is None else check_resume(resume, self.task.fingerprint(), o, acc.num_processes)
         model, popt = acc.prepare(self.model, opt)  # the scheduler is stepped by hand: once a step
         if ckpt is not None:  # after prepare: the state lands on the parameters' device
             self._restore(ckpt, opt, sched)
@@ -268,6 +295,3 @@ class Trainer:
         finally:
             bar.close()
             self.task.set_training(False)
-        self._save(opt, sched)
-        self._write_log()
-        return self.log
