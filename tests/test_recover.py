@@ -203,3 +203,72 @@ def test_mode_defaults():
     lo = RecoverOptions(mode="lora")
     assert (lo.lr, lo.min_lr, lo.lora_rank, lo.lora_alpha, lo.lora_dropout) == (1e-4, 1e-5, 8, 16.0, 0.05)
     assert RecoverOptions.model_validate(lo.model_dump()) == lo  # round trip keeps the values
+
+
+def test_resume_with_given_masks_on_a_dense_model(tokenizer, corpus, tmp_path):
+    masks = model_masks(pruned_tiny())
+    opts = dict(steps=2, checkpoint_every=1, lr=1e-3, masks=masks, corpus=corpus, **FAST)
+    full = recover(tiny_model(), tokenizer, **opts)
+    recover(tiny_model(), tokenizer, work_dir=tmp_path, until=1, **opts)
+    resumed = recover(tiny_model(), tokenizer, resume=tmp_path, work_dir=tmp_path, **opts)
+    for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+# --- two processes (gloo) == one process with the same global batch -----------------------------
+DDP_SCRIPT = '''
+import sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from accelerate import Accelerator
+from llmprune.recover import recover
+torch.set_num_threads(1)
+model_dir, data, out, accum, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+acc = Accelerator(cpu=True)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(model_dir)
+extra = dict(lora_dropout=0.1) if mode == "lora" else {}
+res = recover(model, tok, mode=mode, steps=3, seqlen=32, batch_size=1, grad_accum=accum, train_data=data,
+              log_every=1, lr=1e-3, progress=False, accelerator=acc, **extra)
+state = {k: v.contiguous() for k, v in res.model.state_dict().items()}
+save_file(state, f"{out}/{mode}-rank{acc.process_index}-of-{acc.num_processes}.safetensors")
+'''
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+@pytest.mark.parametrize("mode", ["masked", "lora"])
+def test_two_process_recovery_equals_one_process(tmp_path, shared_data, tokenizer, mode):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    if mode == "lora":
+        pytest.importorskip("peft")
+    model_dir = tmp_path / "pruned"
+    pruned_tiny().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    text = tmp_path / "train.txt"
+    shutil.copy(shared_data / "wikitext-2-raw" / "wiki.valid.raw", text)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for nproc, accum in ((2, 1), (1, 2)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29700 + os.getpid() % 1000 + nproc), str(tmp_path / "ddp.py"),
+               str(model_dir), str(text), str(tmp_path), str(accum), mode]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1, single = (load_file(tmp_path / f"{mode}-{f}.safetensors")
+                      for f in ("rank0-of-2", "rank1-of-2", "rank0-of-1"))
+    masks = {n: w != 0 for n, w in pruned_tiny().state_dict().items() if ".layers." in n and n.endswith("proj.weight")}
+    for k in single:
+        assert torch.equal(r0[k], r1[k]), f"ranks differ at {k}"
+        assert torch.equal(r0[k], single[k]), f"2 processes differ from 1 at {k}"
+    for n, keep in masks.items():
+        assert (single[n][~keep] == 0).all(), n
+    assert any(not torch.equal(single[n], w) for n, w in pruned_tiny().state_dict().items() if n in masks)

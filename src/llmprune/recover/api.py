@@ -44,7 +44,7 @@ class RecoverResult:
     @property
     def is_adapter(self) -> bool:
         """True while ``model`` is a ``peft`` model (adapter not merged)."""
-        return hasattr(model := self.model, "peft_config") and hasattr(model, "get_base_model")
+        return hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
 
 
 @torch.no_grad()

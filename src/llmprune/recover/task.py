@@ -15,10 +15,14 @@ from llmprune.maskllm.gumbel import masked_linears
 
 def recover_fingerprint(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str) -> dict:
     """What a recovery checkpoint must match: the mode, the model's class, the masked weights'
-    names and shapes, a checksum of the first weight's first row, and the mask's kept counts."""
+    names and shapes, a checksum of the first weight's first (masked) row, and the mask's kept
+    counts."""
     linears = masked_linears(model)
     shapes = {f"{k}.weight": list(v.weight.shape) for k, v in linears.items()}
-    first = next(iter(linears.values())).weight.detach()[0].float().cpu().numpy().tobytes()
+    name, lin = next(iter(linears.items()))
+    # the masked row: the same before and after a given mask is applied to the weights
+    row = lin.weight.detach()[0].float().cpu().masked_fill(~masks[f"{name}.weight"][0].cpu(), 0)
+    first = row.numpy().tobytes()
     kept = {n: int(m.sum()) for n, m in masks.items()}
     digest = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
     return {"mode": mode, "class": type(model).__name__,
