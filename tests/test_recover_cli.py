@@ -122,3 +122,13 @@ def test_recover_bad_input_fails_before_loading(pruned_dir, tmp_path, capsys, mo
 def test_recover_refuses_to_overwrite_its_input(pruned_dir, capsys):
     rc = main(["recover", str(pruned_dir), "--out", str(pruned_dir), "--overwrite", *TINY])
     assert rc == 2 and "is the input" in capsys.readouterr().err
+
+
+def test_recover_accepts_any_hf_dir_its_zeros_are_the_mask(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "rec"
+    assert main(["recover", str(tiny_dirs["llama"]), "--out", str(out), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "no pruned (zero) weights" in err
+    report = json.loads((out / "pruning.json").read_text())
+    assert report["input"] is None and report["recover"]["masks"]["sparsity"] == 0
+    assert "merge_s" not in report["timings"] and report["timings"]["train_s"] > 0

@@ -185,8 +185,17 @@ def report(job: Job) -> None:
 
 RECOVER = (validate, load, evaluate_stage("before"), train, merge, ppl_merged, remask, save,
            evaluate_stage("after"), report)
+LORA_MERGE_ONLY = (merge, ppl_merged, remask)  # no-ops unless LoRA is merged (left out, so untimed)
+
+
+def recover_stages(config: RecoverConfig) -> tuple:
+    """The stages of ``config``'s job: :data:`RECOVER`, without the merge stages when no
+    adapter is merged (masked fine-tuning, ``keep_adapter``)."""
+    if config.mode == "lora" and not config.keep_adapter:
+        return RECOVER
+    return tuple(s for s in RECOVER if s not in LORA_MERGE_ONLY)
 
 
 def run_recover(config: RecoverConfig, model=None, tokenizer=None, progress: bool = True) -> Job:
     """Run a recovery job (``model`` may be given loaded, with its ``tokenizer``)."""
-    return run_stages(Job(config, model, tokenizer, progress=progress), RECOVER)
+    return run_stages(Job(config, model, tokenizer, progress=progress), recover_stages(config))
