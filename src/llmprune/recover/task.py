@@ -46,8 +46,7 @@ class MaskedFinetuneTask:
         self.model = model
         lins = masked_linears(model)
         self.weights = {n: lins[n.removesuffix(".weight")].weight for n in masks}
-        # the pruned positions, on each weight's device (one byte per weight)
-        self.pruned = {n: ~m.to(self.weights[n].device, torch.bool) for n, m in masks.items()}
+        self.pruned = {n: ~m.to(torch.bool) for n, m in masks.items()}  # one byte per weight
         self._fingerprint = fingerprint
         self._hooks: list = []
 
@@ -60,7 +59,9 @@ class MaskedFinetuneTask:
         self._hooks = []
         if training:
             for n, w in self.weights.items():
-                pruned = self.pruned[n]
+                # the trainer places the model (accelerate's prepare) after the task is built:
+                # the masks follow the weights here, once
+                pruned = self.pruned[n] = self.pruned[n].to(w.device)
                 self._hooks.append(w.register_hook(lambda g, pruned=pruned: g.masked_fill(pruned, 0)))
 
     def before_step(self, step: int) -> dict[str, float]:
