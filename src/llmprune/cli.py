@@ -99,6 +99,33 @@ def _cmd_maskllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover_parser(sub) -> None:
+    from llmprune.recover.job import RecoverConfig
+
+    p = sub.add_parser("recover", help="fine-tune a pruned model with its mask fixed (masked or LoRA)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("model", nargs="?", help="pruned directory (its zeros are the mask), local HF dir, "
+                                            ".gguf file or hub id")
+    p.add_argument("--calib", dest="train_data", help="same as --train-data")
+    add_option_flags(p, RecoverConfig, skip=("model",))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from llmprune.recover.job import RecoverConfig, run_recover
+    from llmprune.report import summary
+
+    opts = vars(args)
+    opts.pop("command")
+    quiet = opts.pop("quiet", False)
+    config = RecoverConfig(**opts)
+    job = run_recover(config, progress=not quiet)
+    print(summary(job.report))
+    if config.out:
+        print(f"saved to {config.out} (report: {config.out}/pruning.json)")
+    return 0
+
+
 def _structured_parser(sub) -> None:
     from llmprune.structured.job import StructuredConfig
 
@@ -246,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prune_parser(sub)
     _maskllm_parser(sub)
     _structured_parser(sub)
+    _recover_parser(sub)
     e = sub.add_parser("eval", help="perplexity of a model or a pruned directory")
     e.add_argument("model", help="bundled name, local HF dir (e.g. a pruned --out), .gguf file or hub id")
     e.add_argument("--ppl", default="wikitext2", help="comma-separated: wikitext2,c4,FILE")
@@ -268,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "structured": _cmd_structured,
+                    "recover": _cmd_recover,
                     "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}
         return commands[args.command](args)
     except LLMPruneError as e:

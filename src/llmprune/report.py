@@ -46,6 +46,8 @@ def summary(report: dict) -> str:
                  "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in report["timings"].items()),
                  f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}"]
         return "\n".join(lines + format_ppl(report.get("ppl", {})))
+    if report.get("kind") == "recover":
+        return recover_summary(report)
     r = report["recipe"]
     t = report["timings"]
     lines = [
@@ -61,6 +63,35 @@ def summary(report: dict) -> str:
         lines.insert(2, alloc)
     lines += format_recon(report.get("layers", []))
     lines += format_ppl(report.get("ppl", {}))
+    return "\n".join(lines)
+
+
+def recover_summary(report: dict) -> str:
+    """Recovery: mode, steps, pattern kept, PPL before / after (and what re-masking cost)."""
+    r = report["recover"]
+    final = r.get("final") or {}
+    mode = r["mode"] + (f" r={r['lora']['rank']}" if "lora" in r else "")
+    kept = r.get("pruned_nonzero")
+    lines = [f"model {report['model']['name']} ({report['model']['class']})",
+             f"recover {mode}, {r['steps']} steps, {r['tokens']} tokens of {r['data']}"
+             + (f", final loss {final['ce']:.4f}" if "ce" in final else ""),
+             f"sparsity of decoder linears: {report['sparsity']:.4f} (mask {report['target']}"
+             + ("" if kept is None else ", kept exactly" if kept == 0 else f", {kept} pruned weights nonzero") + ")"]
+    if report.get("adapter"):
+        lines.append(f"adapter saved in {report['adapter']}/ beside the untouched sparse base")
+    if "remask" in r:
+        lines.append(f"re-masking dropped {r['remask']['update_outside_mask']:.1%} of the LoRA update (‖ΔW‖²)")
+    lines += ["timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in report["timings"].items()),
+              f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}"]
+    ppl = report.get("ppl", {})
+    before, after, merged = ppl.get("before", {}), ppl.get("after", {}), ppl.get("merged", {})
+    for name in after or before:
+        b, a = before.get(name), after.get(name)
+        line = (f"  PPL {(a or b)['label']} (seqlen {(a or b)['seqlen']}): before {b['ppl'] if b else float('nan'):.3f}"
+                f" -> recovered {a['ppl'] if a else float('nan'):.3f}")
+        if name in merged:
+            line += f" (merged, not re-masked: {merged[name]['ppl']:.3f})"
+        lines.append(line)
     return "\n".join(lines)
 
 

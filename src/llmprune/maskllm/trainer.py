@@ -97,6 +97,11 @@ class TrainTask(Protocol):
     def fingerprint(self) -> dict:
         """What a checkpoint must match to be resumed by this task (model, pattern, shapes)."""
 
+    # Optional (looked up with getattr, so older tasks need not define them):
+    #   name: str                 -- the progress bar's label (default "maskllm", the first task)
+    #   after_step() -> None      -- called after every optimiser step, e.g. to re-apply a fixed
+    #                                mask to weights that AdamW's decay or moments could move
+
 
 def micro_seed(seed: int, step: int, j: int) -> int:
     """A 63-bit seed for global micro-batch ``j`` of ``step``."""
@@ -243,8 +248,9 @@ class Trainer:
         world, rank, per = acc.num_processes, acc.process_index, o.batch_size
         model.eval()  # no dropout: the noise is the mask's own (the reference trains with dropout 0)
         self.task.set_training(True)
+        after_step = getattr(self.task, "after_step", None)
         bar = tqdm(total=o.steps, initial=self.step, disable=not (self.progress and acc.is_main_process),
-                   desc="maskllm", dynamic_ncols=True)
+                   desc=getattr(self.task, "name", "maskllm"), dynamic_ncols=True)
         t_last, tokens, ce_acc, extra_acc, n_acc = time.perf_counter(), 0, 0.0, {}, 0
         try:
             while self.step < min(o.steps, until or o.steps):
@@ -268,6 +274,8 @@ class Trainer:
                     acc.clip_grad_norm_(params, o.grad_clip)
                 lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
                 popt.step()
+                if after_step is not None:
+                    after_step()
                 sched.step()
                 popt.zero_grad(set_to_none=True)
                 self.step += 1
@@ -284,10 +292,11 @@ class Trainer:
                            "tokens_per_s": tokens / dt if dt > 0 else None,
                            **self.task.log_stats()}
                     self.log.append(rec)
-                    bar.set_postfix(loss=f"{ce_mean:.3f}", tau=f"{sched_vals.get('tau', 0):.3g}",
-                                    kappa=f"{sched_vals.get('kappa', 0):.3g}",
-                                    tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
-                                    flip=f"{rec.get('flipped', 0):.2%}")
+                    shown = {"loss": f"{ce_mean:.3f}",  # a task's own values only where it has them
+                             **{k: f"{sched_vals[k]:.3g}" for k in ("tau", "kappa") if k in sched_vals},
+                             "tok_s": f"{rec['tokens_per_s'] or 0:.0f}",
+                             **({"flip": f"{rec['flipped']:.2%}"} if "flipped" in rec else {})}
+                    bar.set_postfix(shown)
                     self._write_log()
                     t_last, tokens, ce_acc, extra_acc, n_acc = time.perf_counter(), 0, 0.0, {}, 0
                 if o.checkpoint_every and self.step % o.checkpoint_every == 0 and self.step < (until or o.steps):
