@@ -159,7 +159,9 @@ def _cmd_structured(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from llmprune.eval.zeroshot import TaskOptions, format_tasks
     from llmprune.export.save import write_json
+    from llmprune.options import validated
     from llmprune.pipeline import evaluate
 
     out = Path(args.json).expanduser() if args.json else None
@@ -175,16 +177,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise LLMPruneError(f"cannot write --json {out}: {e.strerror or e}") from None
         if not existed:
             out.unlink()
-    res = evaluate(args.model, ppl=args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
+    given = {k: v for k in TaskOptions.model_fields if (v := getattr(args, k, None)) is not None}
+    tasks = validated(TaskOptions, given)  # bad values: one line, as for the other commands
+    # Perplexity on WikiText-2 unless only tasks were asked for.
+    ppl = args.ppl if args.ppl is not None else ([] if tasks.tasks else "wikitext2")
+    res = evaluate(args.model, ppl=ppl, seqlen=args.seqlen, max_windows=args.max_windows,
                    device=args.device, dtype=args.dtype, progress=not args.quiet,
-                   trust_remote_code=args.trust_remote_code)
+                   trust_remote_code=args.trust_remote_code, **tasks.model_dump())
     sparsity = res.pop("_sparsity")
+    task_results = res.pop("_tasks", None)
     for name, r in res.items():
         print(f"{name}: PPL {r['ppl']:.3f}  ({r['label']}, {r['windows']} x {r['seqlen']} tokens, {r['seconds']:.1f}s)")
+    for line in format_tasks(task_results or {}):
+        print(line)
     print(f"sparsity of decoder linears: {sparsity:.4f}")
     if out is not None:
-        write_json(out, {"model": args.model, "sparsity": sparsity, "ppl": res})  # atomic
+        tasks_part = {"tasks": task_results} if task_results is not None else {}
+        write_json(out, {"model": args.model, "sparsity": sparsity, "ppl": res, **tasks_part})  # atomic
     return 0
+
+
+def _task_flags(p: argparse.ArgumentParser) -> None:
+    from llmprune.eval.zeroshot import TaskOptions
+
+    g = p.add_argument_group("zero-shot tasks (lm-eval)")
+    add_option_flags(g, TaskOptions)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -274,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     _maskllm_parser(sub)
     _structured_parser(sub)
     _recover_parser(sub)
-    e = sub.add_parser("eval", help="perplexity of a model or a pruned directory")
+    e = sub.add_parser("eval", help="perplexity and zero-shot tasks of a model or a pruned directory")
     e.add_argument("model", help="bundled name, local HF dir (e.g. a pruned --out), .gguf file or hub id")
-    e.add_argument("--ppl", default="wikitext2", help="comma-separated: wikitext2,c4,FILE")
+    e.add_argument("--ppl", default=None, help="comma-separated: wikitext2,c4,FILE (default wikitext2, "
+                   "none when only --tasks is given)")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", dest="max_windows", type=int, default=None)
     e.add_argument("--device", default="auto")
@@ -284,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
                    help="run the model repository's own Python code (auto_map); only for code you trust")
+    _task_flags(e)
     e.add_argument("-q", "--quiet", action="store_true")
     r = sub.add_parser("report", help="summarise a pruned directory's pruning.json")
     r.add_argument("dir")

@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from llmprune.errors import LLMPruneError
+from llmprune.eval.zeroshot import TaskOptions
 from llmprune.options import (
     CommaList,
     NonNegativeInt,
@@ -50,8 +51,8 @@ def _one_of(kind: str, choices) -> Any:
     return Annotated[str, AfterValidator(check)]
 
 
-class RunOptions(Recipe):
-    """What every entry point (prune, maskllm, ...) shares: the model, devices, evaluation, output."""
+class _RunFields(Recipe):
+    """The model, devices, perplexity and output of :class:`RunOptions`."""
 
     model: str = Field("smollm2-135m", description="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (one layer at a time goes there)")
@@ -67,6 +68,12 @@ class RunOptions(Recipe):
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
+
+
+# TaskOptions first: pydantic lists the fields of the last base first (the model comes first).
+class RunOptions(TaskOptions, _RunFields):
+    """What every entry point (prune, maskllm, ...) shares: the model, devices, evaluation
+    (perplexity, zero-shot tasks), output."""
 
 
 class JobConfig(RunOptions):

@@ -29,6 +29,7 @@ from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_name
 from llmprune.eval.perplexity import evaluate as evaluate_ppl
 from llmprune.eval.placement import check_device
 from llmprune.eval.sparsity import measure_sparsity
+from llmprune.eval.zeroshot import TaskSet, evaluate_tasks, load_tasks, task_names
 from llmprune.export.save import (
     ALLOCATION_PLOT,
     check_output_dir,
@@ -142,10 +143,12 @@ class Job:
     allocator: OWLAllocator | None = None
     corpus: Corpus | None = None  # calibration text, read and decoded before the model loads
     eval_corpora: dict[str, Corpus] | None = None  # perplexity text, likewise
+    task_set: TaskSet | None = None  # zero-shot tasks, their data loaded before the model
     targets: list[Target] | None = None
     plan: LayerPlan | None = None
     layer_report: list[dict] = field(default_factory=list)
     ppl: dict[str, dict] = field(default_factory=lambda: {"before": {}, "after": {}})
+    tasks: dict[str, dict] = field(default_factory=lambda: {"before": {}, "after": {}})
     timings: dict[str, float] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     saved: Path | None = None
@@ -164,7 +167,8 @@ def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: froz
 def job_inputs(job: Job) -> list[str]:
     """Paths the job reads, which its output must never replace (non-paths are ignored)."""
     model = [job.config.model] if isinstance(job.model, str | None) else []
-    return [*model, *job.data_files, *job.config.ppl]
+    task_dir = [job.config.task_dir] if job.config.task_dir else []
+    return [*model, *job.data_files, *job.config.ppl, *task_dir]
 
 
 def ppl_seqlen(config: RunOptions) -> int:
@@ -173,7 +177,8 @@ def ppl_seqlen(config: RunOptions) -> int:
 
 def check_run(job: Job) -> None:
     """The checks every entry point shares, before the model loads: device, evaluation data
-    (read once here), the output directory (locked until the report is final), the model."""
+    (read once here; zero-shot tasks named and their data loaded), the output directory (locked
+    until the report is final), the model."""
     config = job.config
     job.device = config.resolved_device()
     check_device(job.device)
@@ -185,8 +190,10 @@ def check_run(job: Job) -> None:
         job.cleanup.enter_context(output_lock(config.out))
     if isinstance(job.model, str | None):
         check_model_exists(config.model)
-    elif job.tokenizer is None and (job.needs_tokenizer or config.ppl):
+    elif job.tokenizer is None and (job.needs_tokenizer or config.ppl or config.tasks):
         raise LLMPruneError("pass tokenizer= along with a loaded model")
+    if config.tasks:  # last: it may download the tasks' data
+        job.task_set = load_tasks(config.tasks, config.task_dir)
 
 
 def validate(job: Job) -> None:
@@ -212,7 +219,7 @@ def load(job: Job) -> None:
     if isinstance(job.model, str | None):
         job.model, job.tokenizer = load_model(
             config.model, device=job.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-            need_tokenizer=job.needs_tokenizer or bool(config.ppl))
+            need_tokenizer=job.needs_tokenizer or bool(config.ppl or config.tasks))
 
 
 def check_model(job: Job) -> None:
@@ -233,13 +240,18 @@ def calibrate(job: Job) -> None:
 
 
 def evaluate_stage(when: str) -> Callable[[Job], None]:
-    """Perplexity of the model as it is now, stored as ``job.ppl[when]``."""
+    """Perplexity (and zero-shot tasks) of the model as it is now: ``job.ppl[when]``
+    (``job.tasks[when]``)."""
     def evaluate(job: Job) -> None:
         config = job.config
         if config.ppl:
             job.ppl[when] = evaluate_ppl(job.model, job.tokenizer, config.ppl,
                                          ppl_seqlen(config), config.max_windows,
                                          job.progress, corpora=job.eval_corpora, device=job.device)
+        if job.task_set is not None:
+            job.tasks[when] = evaluate_tasks(job.model, job.tokenizer, job.task_set,
+                                             config.task_batch_size, config.task_limit,
+                                             job.device, job.progress)
     evaluate.__name__ = f"ppl_{when}"
     return evaluate
 
@@ -271,6 +283,7 @@ def build_report(job: Job) -> dict:
         "allocation": allocation_report(config, job.layer_report),
         "layers": job.layer_report,
         "ppl": job.ppl,
+        **({"tasks": job.tasks} if job.task_set is not None else {}),
         "timings": job.timings,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -299,6 +312,8 @@ def save(job: Job) -> None:
 def report(job: Job) -> None:
     """Final numbers into the report, and into the saved ``pruning.json``."""
     job.report.update(ppl=job.ppl, timings=job.timings, peak_rss_mb=peak_rss_mb())
+    if job.task_set is not None:
+        job.report["tasks"] = job.tasks
     if job.saved is not None:
         update_report(job.saved, job.report)
 
@@ -342,24 +357,33 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
     return PruneResult(job.model, job.tokenizer, job.report)
 
 
-def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str = ("wikitext2",),
+def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str | None = ("wikitext2",),
              seqlen: int = 2048, max_windows: int | None = None, device: str = "auto",
-             dtype: str = "auto", progress: bool = True, trust_remote_code: bool = False) -> dict:
-    """Perplexity of a model (a name/path or a loaded model + tokenizer) on each dataset.
+             dtype: str = "auto", progress: bool = True, trust_remote_code: bool = False,
+             tasks: list[str] | str | None = None, task_dir: str | None = None,
+             task_limit: int | None = None, task_batch_size: int = 8) -> dict:
+    """Perplexity of a model (a name/path or a loaded model + tokenizer) on each dataset, and
+    its scores on zero-shot ``tasks`` (lm-eval; ``task_dir``: a folder of your own task YAMLs).
 
-    Every argument and every evaluation file is checked before the model loads. The forward
-    runs on ``device`` (``auto``: CUDA when there is one); a loaded model is back where it was
-    afterwards.
+    Returns ``{dataset: ppl result, ..., "_sparsity": float}``, plus ``"_tasks": {task: ...}``
+    when tasks were asked for (see :func:`llmprune.eval.zeroshot.evaluate_tasks`); ``ppl`` may
+    be empty when there are tasks. Every argument, evaluation file and task (with its data) is
+    checked before the model loads. The forward runs on ``device`` (``auto``: CUDA when there
+    is one); a loaded model is back where it was afterwards.
     """
-    names = eval_names(ppl)
+    names = eval_names(ppl) if ppl or not task_names(tasks) else []
     check_eval_args(seqlen, max_windows)
     dev = check_device(resolve_device(device))
     corpora = check_eval_data(names)
+    task_set = load_tasks(tasks, task_dir) if task_names(tasks) else None
     if isinstance(model, str):
         model, tokenizer = load_model(model, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
     ctx = context_length(model)
-    if ctx is not None and seqlen > ctx:
+    if names and ctx is not None and seqlen > ctx:
         raise LLMPruneError(f"seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
-    result = evaluate_ppl(model, tokenizer, names, seqlen, max_windows, progress, corpora=corpora, device=dev)
+    result = evaluate_ppl(model, tokenizer, names, seqlen, max_windows, progress, corpora=corpora,
+                          device=dev) if names else {}
+    if task_set is not None:
+        result["_tasks"] = evaluate_tasks(model, tokenizer, task_set, task_batch_size, task_limit, dev, progress)
     result["_sparsity"] = measure_sparsity(model)["overall"]
     return result

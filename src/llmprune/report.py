@@ -30,6 +30,23 @@ def format_ppl(ppl: dict) -> list[str]:
     return lines
 
 
+def format_tasks(tasks: dict) -> list[str]:
+    """One line per zero-shot task and metric (stderr aside): dense -> pruned."""
+    lines = []
+    before, after = tasks.get("before", {}), tasks.get("after", {})
+    for name in after or before:
+        b, a = before.get(name, {}), after.get(name, {})
+        r = a or b
+        for metric in r["metrics"]:
+            if "_stderr" in metric:
+                continue
+            shown = [f"{x['metrics'][metric]:.4f}" if x.get("metrics", {}).get(metric) is not None else "-"
+                     for x in (b, a)]
+            lines.append(f"  {name} {metric} (v{r['version']}, {r['samples']} examples): "
+                         f"dense {shown[0]} -> pruned {shown[1]}")
+    return lines
+
+
 def summary(report: dict) -> str:
     """The end-of-run summary: what was done, how sparse, how long, PPL before/after."""
     if report.get("kind") == "masks":  # written by 'llmprune masks apply'
@@ -45,7 +62,7 @@ def summary(report: dict) -> str:
                  f"sparsity of decoder linears: {report['sparsity']:.4f}",
                  "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in report["timings"].items()),
                  f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}"]
-        return "\n".join(lines + format_ppl(report.get("ppl", {})))
+        return "\n".join(lines + format_ppl(report.get("ppl", {})) + format_tasks(report.get("tasks", {})))
     if report.get("kind") == "recover":
         return recover_summary(report)
     r = report["recipe"]
@@ -63,6 +80,7 @@ def summary(report: dict) -> str:
         lines.insert(2, alloc)
     lines += format_recon(report.get("layers", []))
     lines += format_ppl(report.get("ppl", {}))
+    lines += format_tasks(report.get("tasks", {}))
     return "\n".join(lines)
 
 
