@@ -110,7 +110,15 @@ def layer_bench(args, device: str) -> dict:
     calib = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     for method in args.methods.split(","):
         try:
-            model = build_model(cfg, torch.bfloat16)
+            # from a saved folder: oneshot resolves the model's name_or_path, empty for a model
+            # built from a config (the first H200 lease failed on exactly that)
+            from transformers import AutoModelForCausalLM
+
+            saved = Path(tempfile.mkdtemp()) / "model"
+            build_model(cfg, torch.bfloat16).save_pretrained(saved)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(saved)
+            model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16).eval()
             if device.startswith("cuda"):
                 model.to(device)  # llm-compressor's examples load the model on the GPU
             cuda_peak_reset()
