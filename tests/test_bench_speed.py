@@ -268,3 +268,39 @@ def test_cli_cuda_on_a_cpu_host_and_bad_json_path(dir_24, tmp_path, capsys, monk
     assert "CUDA is not available" in capsys.readouterr().err
     assert main(["bench-speed", str(dir_24), "--json", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_cli_pretend_h200_reports_the_sparse_error_and_keeps_dense(dir_24, tmp_path, capsys, monkeypatch):
+    """The whole CUDA branch of the command, on this CPU: capability 9.0 is mocked, the model
+    stays here, so torch's real 2:4 conversion refuses it (CPU tensor) as a GPU kernel might."""
+    from llmprune.speed import bench
+
+    monkeypatch.setattr(bench, "resolve_device", lambda d: CUDA)
+    monkeypatch.setattr(sparse24, "capability", lambda d: (9, 0))
+    monkeypatch.setattr(sparse24, "torchao_available", lambda: False)
+    monkeypatch.setattr(bench, "device_name", lambda d: "NVIDIA H200 (mock)")
+    monkeypatch.setattr(bench, "place", lambda model, device: None)
+    out = tmp_path / "r.json"
+    rc = main(["bench-speed", str(dir_24), *FAST, "--dtype", "bfloat16", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    lines = printed.out.splitlines()
+    assert "NVIDIA H200 (mock) (cuda:0, compute capability 9.0), dtype bfloat16" in lines[0]
+    assert "2:4 backend: torch" in lines[0]
+    assert lines[2].startswith("2:4 (torch) failed at convert: RuntimeError:")
+    report = json.loads(out.read_text())
+    assert report["capability"] == [9, 0] and report["backend"] == "torch"
+    assert report["dense"]["decode_tok_s"] > 0 and report["speedup"] is None
+    assert report["sparse24"]["stage"] == "convert" and "CUDA" in report["sparse24"]["error"]
+
+
+def test_cli_pretend_h200_refuses_a_dense_model_in_one_line(tiny_dirs, capsys, monkeypatch):
+    from llmprune.speed import bench
+
+    monkeypatch.setattr(bench, "resolve_device", lambda d: CUDA)
+    monkeypatch.setattr(sparse24, "capability", lambda d: (8, 0))
+    monkeypatch.setattr(bench, "place", lambda model, device: None)
+    monkeypatch.setattr(bench, "measure_speed", lambda *a, **k: pytest.fail("timed a model that is not 2:4"))
+    assert main(["bench-speed", str(tiny_dirs["llama"]), *FAST]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("llmprune: error: model.layers.0.self_attn.q_proj is not 2:4 sparse")

@@ -102,6 +102,17 @@ def bench_model(model: torch.nn.Module, device: torch.device, opts: SpeedOptions
     return {"dense": dense, "sparse24": sparse, "speedup": speedups(dense, sparse)}
 
 
+def place(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the whole model to ``device`` (timing streamed layers would measure the copies),
+    after checking it fits there."""
+    free = free_device_memory(device)
+    need = module_bytes(model) + RESERVE
+    if free is not None and need > free:
+        raise LLMPruneError(f"the model needs about {need / 2**30:.1f} GiB on {device}, which has "
+                            f"{free / 2**30:.1f} GiB free; free memory or use a smaller model")
+    model.to(device)
+
+
 def bench_speed(model_path: str, options: SpeedOptions | dict | None = None) -> dict:
     """Load ``model_path`` and measure it (see :func:`bench_model`); the report as a dict."""
     from llmprune.models.loading import load_model
@@ -112,12 +123,7 @@ def bench_speed(model_path: str, options: SpeedOptions | dict | None = None) -> 
     backend, skipped = plan_sparse(device, opts, cap)
     model, _ = load_model(model_path, device=str(device), dtype=opts.dtype,
                           trust_remote_code=opts.trust_remote_code, need_tokenizer=False)
-    free = free_device_memory(device)
-    need = module_bytes(model) + RESERVE
-    if free is not None and need > free:
-        raise LLMPruneError(f"the model needs about {need / 2**30:.1f} GiB on {device}, which has "
-                            f"{free / 2**30:.1f} GiB free; free memory or use a smaller model")
-    model.to(device)
+    place(model, device)
     result = bench_model(model, device, opts, backend, skipped)
     return {"model": str(model_path), "device": str(device), "device_name": device_name(device),
             "capability": list(cap) if cap else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
