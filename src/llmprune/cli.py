@@ -284,6 +284,35 @@ def _cmd_masks(args: argparse.Namespace) -> int:
     return 0 if check.get("ok") is not False else 1
 
 
+def _bench_speed_parser(sub) -> None:
+    from llmprune.speed.bench import SpeedOptions
+
+    p = sub.add_parser("bench-speed", help="prefill/decode tokens/s, dense and (CUDA >= 8.0) as 2:4 sparse",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("model", help="pruned directory, local HF dir, .gguf file or hub id")
+    add_option_flags(p, SpeedOptions)
+    p.add_argument("--json", help="also write the report to this JSON file (atomically)")
+
+
+def _cmd_bench_speed(args: argparse.Namespace) -> int:
+    from llmprune.export.save import write_json
+    from llmprune.options import validated
+    from llmprune.speed.bench import SpeedOptions, bench_speed, check_json_path, format_report
+
+    opts = vars(args)
+    opts.pop("command")
+    model, out = opts.pop("model"), opts.pop("json", None)
+    options = validated(SpeedOptions, opts)  # bad values: one line, before the model loads
+    out = check_json_path(out) if out else None
+    report = bench_speed(model, options)
+    for line in format_report(report):
+        print(line)
+    if out is not None:
+        write_json(out, report)  # atomic
+        print(f"report written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir")
     r.add_argument("--json", action="store_true", help="print the raw JSON")
     _masks_parser(sub)
+    _bench_speed_parser(sub)
     return parser
 
 
@@ -315,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "structured": _cmd_structured,
-                    "recover": _cmd_recover,
+                    "recover": _cmd_recover, "bench-speed": _cmd_bench_speed,
                     "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}
         return commands[args.command](args)
     except LLMPruneError as e:
