@@ -29,6 +29,8 @@ def model_fingerprint(model: nn.Module, pattern: str) -> dict:
 class MaskLLMTask:
     """The method's side of the loop (see :class:`~llmprune.maskllm.trainer.TrainTask`)."""
 
+    name = "maskllm"
+
     def __init__(self, model: nn.Module, masks: dict[str, LearnableNMMask], opts: MaskLLMOptions,
                  noise: NoiseSource, fingerprint: dict) -> None:
         self.model, self.masks, self.opts, self.noise = model, masks, opts, noise

@@ -98,7 +98,7 @@ class TrainTask(Protocol):
         """What a checkpoint must match to be resumed by this task (model, pattern, shapes)."""
 
     # Optional (looked up with getattr, so older tasks need not define them):
-    #   name: str                 -- the progress bar's label (default "maskllm", the first task)
+    #   name: str                 -- the progress bar's label (default "train")
     #   after_step() -> None      -- called after every optimiser step, e.g. to re-apply a fixed
     #                                mask to weights that AdamW's decay or moments could move
 
@@ -250,7 +250,7 @@ class Trainer:
         self.task.set_training(True)
         after_step = getattr(self.task, "after_step", None)
         bar = tqdm(total=o.steps, initial=self.step, disable=not (self.progress and acc.is_main_process),
-                   desc=getattr(self.task, "name", "maskllm"), dynamic_ncols=True)
+                   desc=getattr(self.task, "name", "train"), dynamic_ncols=True)
         t_last, tokens, ce_acc, extra_acc, n_acc = time.perf_counter(), 0, 0.0, {}, 0
         try:
             while self.step < min(o.steps, until or o.steps):
