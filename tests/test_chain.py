@@ -73,7 +73,7 @@ def test_chain_runs_end_to_end_and_the_final_dir_is_plain_and_2_4(finished, tiny
     assert learned["kind"] == "maskllm" and learned["maskllm"]["prior"] == "masks"
     assert learned["recipe"]["model"] == str(tiny_dirs["llama"])
     assert learned["recipe"]["prior"] == str(out / "stages/01-prune/masks.npz")
-    assert report["stages"][1]["inputs"] == {"model": "recipe model", "prior": "stage 01-prune masks.npz"}
+    assert report["stages"][1]["inputs"] == {"model": str(tiny_dirs["llama"]), "prior": "stage 01-prune masks.npz"}
     # recovery reads MaskLLM's output and keeps its mask exactly
     assert recovered["input"]["kind"] == "maskllm" and recovered["recover"]["pruned_nonzero"] == 0
     two = MaskSet.from_model(AutoModelForCausalLM.from_pretrained(out / "stages/02-maskllm"))
@@ -213,3 +213,52 @@ def test_the_example_recipe_plans(tmp_path):
     assert learn.model == "smollm2-135m" and learn.prior == str(plans[0].dir / "masks.npz")
     assert rec.model == str(plans[1].dir) and ev.model == str(plans[2].dir)
     assert ev.ppl == ["wikitext2"]
+
+
+def test_a_stage_killed_mid_training_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch, capsys):
+    import llmprune.maskllm.trainer as trainer
+    import llmprune.pipeline as pipeline
+
+    recipe, ref = finished
+    out = tmp_path / "out"
+    real, saved = trainer.save_checkpoint, []
+
+    def save_then_die(root, step, *a, **k):
+        path = real(root, step, *a, **k)
+        saved.append(str(root))
+        if "03-recover.ckpt" in str(root) and step == 1:
+            raise KeyboardInterrupt  # killed after stage 3's first checkpoint
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_chain(recipe, out, progress=False)
+    assert (out / "stages/03-recover.ckpt").is_dir() and not (out / "stages/03-recover").exists()
+    monkeypatch.setattr(pipeline, "prune", lambda *a, **k: pytest.fail("stage 1 ran again"))
+    capsys.readouterr()
+    assert run_chain(recipe, out, progress=False).ran == [3, 4]
+    assert "stage 3 (recover) resumes from its checkpoint" in capsys.readouterr().err
+    assert not (out / "stages/03-recover.ckpt").exists()  # spent once the stage saved its result
+    ref_w, got = weights(ref / "final"), weights(out / "final")
+    for name, w in ref_w.items():
+        assert torch.equal(w, got[name]), name
+
+
+def test_structured_stage_is_a_new_dense_base(tiny_dirs, tmp_path):
+    recipe = load_recipe({"model": str(tiny_dirs["llama"]), "stages": [
+        {"prune": {"method": "magnitude", "pattern": "2:4"}},
+        {"structured": {"method": "depth", "layers": 1}},
+        {"maskllm": {"steps": 2}},
+        {"maskllm": {"steps": 2, "prior": "none"}},
+        "eval"]})
+    plans = plan_stages(recipe, tmp_path)
+    prune, depth, learn, again, ev = plans
+    assert depth.config.model == str(prune.dir)
+    assert learn.config.model == str(depth.dir) and learn.config.prior == "sparsegpt"  # old masks no longer fit
+    assert again.config.model == str(depth.dir) and again.config.prior == "none"
+    assert ev.config.model == str(again.dir) and ev.config.ppl == []
+    assert len({p.hash for p in plans}) == 5
+    # a change to one stage changes its hash and those after it, not those before
+    recipe.stages[1].options["layers"] = 2
+    changed = plan_stages(recipe, tmp_path / "elsewhere")
+    assert changed[0].hash == prune.hash and all(a.hash != b.hash for a, b in zip(plans[1:], changed[1:]))

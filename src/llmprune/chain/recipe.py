@@ -109,7 +109,7 @@ class StagePlan:
     kind: StageKind
     dir: Path
     config: Recipe
-    inputs: dict[str, str]  # what it reads, symbolically ("recipe model", "stage 01-prune"), for the hash
+    inputs: dict[str, str]  # what it reads, by what it is (the recipe's model, "stage 01-prune"), for the hash
     hash: str = ""
     mask_file: Path | None = None  # the masks.npz this stage leaves for a later MaskLLM prior
     extra: dict = field(default_factory=dict)
@@ -241,7 +241,7 @@ def plan_stages(recipe: ChainRecipe, out: str | Path) -> list[StagePlan]:
     """
     out = Path(out).expanduser().resolve()
     model = recipe.model
-    dense = model_in = (model, "recipe model")
+    dense = model_in = (model, model)  # the recipe's model by name: a new model is a new chain
     mask: tuple[Path, str] | None = None
     plans, previous = [], ""
     for spec in recipe.stages:

@@ -77,26 +77,24 @@ def _finished(plan: StagePlan, record: dict | None) -> bool:
 
 
 def _first_to_run(plans: list[StagePlan], previous: list[dict], out: Path, overwrite: bool) -> int:
-    """Index into ``plans`` of the first stage to run; refuse a changed finished stage unless
-    ``overwrite``."""
-    for i, plan in enumerate(plans):
-        record = previous[i] if i < len(previous) else None
-        if _finished(plan, record):
-            continue
-        changed = [r for r in previous[i:] if r.get("status") == "done"]
-        if changed and not overwrite:
-            r = changed[0]
-            what = ("is no longer in the recipe" if r["index"] > len(plans) else
-                    f"differs from the one finished in {out}")
-            raise LLMPruneError(f"stage {r['index']} ({r['kind']}) {what}; pass --overwrite to re-run from "
-                                f"stage {i + 1} (stages before it are kept), or choose another --out")
-        return i
-    extra = [r for r in previous[len(plans):] if r.get("status") == "done"]
-    if extra and not overwrite:
-        r = extra[0]
-        raise LLMPruneError(f"stage {r['index']} ({r['kind']}) is no longer in the recipe; pass --overwrite "
-                            f"to drop it, or choose another --out")
-    return len(plans)
+    """Index into ``plans`` of the first stage to run. A finished stage whose config changed (or
+    that the recipe no longer has) is refused unless ``overwrite``; one whose output went missing
+    is simply run again (with the stages after it, which read it)."""
+    def changed(r: dict) -> bool:
+        return r.get("status") == "done" and (r["index"] > len(plans) or r.get("hash") != plans[r["index"] - 1].hash)
+
+    start = next((i for i, p in enumerate(plans)
+                  if not _finished(p, previous[i] if i < len(previous) else None)), len(plans))
+    bad = [r for r in previous if changed(r)]
+    if bad and not overwrite:
+        r = bad[0]
+        if r["index"] > len(plans):
+            raise LLMPruneError(f"stage {r['index']} ({r['kind']}) is no longer in the recipe; pass --overwrite "
+                                "to drop it, or choose another --out")
+        raise LLMPruneError(f"stage {r['index']} ({r['kind']}) differs from the one finished in {out}; pass "
+                            f"--overwrite to re-run from stage {start + 1} (stages before it are kept), or "
+                            "choose another --out")
+    return start
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -121,6 +119,9 @@ def _drop(out: Path, records: list[dict]) -> None:
         d = out / r["dir"]
         if d.is_dir() and (d / REPORT_FILE).is_file() and d.parent == out / STAGES_DIR:
             shutil.rmtree(d)
+        ckpt = Path(f"{d}.ckpt")
+        if ckpt.is_dir() and d.parent == out / STAGES_DIR:
+            shutil.rmtree(ckpt)
 
 
 def _timings(records: list[dict]) -> dict:
@@ -143,9 +144,11 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
     recipe = recipe if isinstance(recipe, ChainRecipe) else load_recipe(recipe)
     out = Path(out).expanduser().resolve()
     plans = plan_stages(recipe, out)
-    stage_runners.preflight(plans)
     previous = _previous_state(out)
-    check_output_dir(out, overwrite=previous is not None, inputs=[recipe.model])
+    files = [f for f in stage_runners.user_files(plans)  # the chain's own mask files are no inputs
+             if not Path(f).expanduser().resolve().is_relative_to(out / STAGES_DIR)]
+    check_output_dir(out, overwrite=previous is not None, inputs=[recipe.model, *files])
+    stage_runners.preflight(plans)
     with output_lock(out):
         old = list((previous or {}).get("stages", []))
         start = _first_to_run(plans, old, out, overwrite)

@@ -18,11 +18,18 @@ from llmprune.export.save import RECIPE_FILE, REPORT_FILE, atomic_dir, output_lo
 def checkpoint_for(plan: StagePlan, resumable: bool) -> str | None:
     """A killed training stage's checkpoints (``NN-kind.ckpt``): resumed when the stage is the
     same one (``resumable``), else removed (the chain made them; they belong to another recipe)."""
+    from llmprune.maskllm.checkpoint import latest_checkpoint
+
     ckpt = Path(f"{plan.dir}.ckpt")
     if not ckpt.is_dir():
         return None
-    if resumable and (ckpt / "latest").is_file():
-        return str(ckpt)
+    if resumable:
+        try:
+            latest_checkpoint(ckpt)
+            print(f"llmprune: note: {plan.label} resumes from its checkpoint in {ckpt}", file=sys.stderr)
+            return str(ckpt)
+        except LLMPruneError:  # killed before its first complete checkpoint
+            pass
     shutil.rmtree(ckpt)
     print(f"llmprune: note: removed {ckpt} (checkpoints of an earlier attempt that cannot be resumed)",
           file=sys.stderr)
@@ -86,6 +93,14 @@ RUNNERS: dict[str, Callable[[StagePlan, bool], None]] = {
     "prune": run_prune, "maskllm": run_maskllm, "recover": run_recover,
     "structured": run_structured, "eval": run_eval,
 }
+
+
+def user_files(plans: list[StagePlan]) -> list[str]:
+    """Files and folders the recipe names (data, masks, tasks): the output must not replace them."""
+    keys = ("calib", "train_data", "prior", "masks", "task_dir")
+    found = [getattr(p.config, k, None) for p in plans for k in keys]
+    found += [name for p in plans for name in p.config.ppl]
+    return [f for f in found if isinstance(f, str) and Path(f).expanduser().exists()]
 
 
 def preflight(plans: list[StagePlan]) -> None:
