@@ -89,6 +89,11 @@ def test_chain_runs_end_to_end_and_the_final_dir_is_plain_and_2_4(finished, tiny
     assert main(["run", str(out / "recipe.yaml"), "--out", str(out), "-q"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("kept (finished before)") == 4 and "final model in" in printed
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 3 recover (stages/03-recover): done" in printed and "final model: final/ (from 03-recover)" in printed
+    assert main(["report", str(out / "stages/04-eval")]) == 0
+    assert "PPL wikitext2, first 1 windows (seqlen 32): " in capsys.readouterr().out
 
 
 BAD = [
@@ -261,4 +266,4 @@ def test_structured_stage_is_a_new_dense_base(tiny_dirs, tmp_path):
     # a change to one stage changes its hash and those after it, not those before
     recipe.stages[1].options["layers"] = 2
     changed = plan_stages(recipe, tmp_path / "elsewhere")
-    assert changed[0].hash == prune.hash and all(a.hash != b.hash for a, b in zip(plans[1:], changed[1:]))
+    assert changed[0].hash == prune.hash and all(a.hash != b.hash for a, b in zip(plans[1:], changed[1:], strict=True))

@@ -19,20 +19,38 @@ def add_run_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def summary(report: dict, ran: list[int]) -> str:
-    """One line per stage (what ran now, what was kept) and where the final model is."""
+def _ppl_lines(report: dict) -> list[str]:
     from llmprune.report import format_ppl, format_tasks
 
+    if report.get("kind") == "eval":  # one measurement, no before / after
+        ppl = report.get("ppl", {}).get("after", {})
+        lines = [f"  PPL {r['label']} (seqlen {r['seqlen']}): {r['ppl']:.3f}" for r in ppl.values()]
+        tasks = report.get("tasks", {}).get("after", {})
+        return lines + [line.replace(" dense - -> pruned ", " ") for line in format_tasks({"after": tasks})]
+    return format_ppl(report.get("ppl", {})) + format_tasks(report.get("tasks", {}))
+
+
+def summary(report: dict, ran: list[int] | None = None) -> str:
+    """A chained run (kind ``chain``): one line per stage (run now, kept, or its status) with its
+    numbers, and where the final model is. Also an eval stage's own report (kind ``eval``)."""
+    if report.get("kind") == "eval":
+        return "\n".join([f"eval of {report['model']['name']}: sparsity of decoder linears "
+                          f"{report['sparsity']:.4f}", *_ppl_lines(report)])
     lines = []
     for r in report["stages"]:
         rep = r.get("report") or {}
-        state = "ran" if r["index"] in ran else "kept (finished before)"
-        head = f"stage {r['index']} {r['kind']}: {state}, {r.get('seconds', 0):.1f}s"
+        state = r["status"] if ran is None or r["status"] != "done" else (
+            "ran" if r["index"] in ran else "kept (finished before)")
+        head = f"stage {r['index']} {r['kind']} ({r['dir']}): {state}"
+        if "seconds" in r:
+            head += f", {r['seconds']:.1f}s"
         if rep.get("sparsity") is not None:
             head += f", sparsity {rep['sparsity']:.4f}"
         if rep.get("target"):
             head += f", target {rep['target']}"
-        lines += [head, *format_ppl(rep.get("ppl", {})), *format_tasks(rep.get("tasks", {}))]
+        lines += [head, *_ppl_lines(rep)]
+    final = report.get("final")
+    lines.append(f"final model: {final['dir']}/ (from {final['stage']})" if final else "final model: none yet")
     return "\n".join(lines)
 
 
