@@ -181,11 +181,24 @@ def test_a_changed_finished_stage_is_refused_or_rerun_from_there(finished, tmp_p
 
     monkeypatch.setattr(pipeline, "prune", lambda *a, **k: pytest.fail("stage 1 ran again"))
     monkeypatch.setattr(maskllm_job, "run_maskllm", lambda *a, **k: pytest.fail("stage 2 ran again"))
+    import llmprune.recover.job as recover_job
+
+    real_recover = recover_job.run_recover
+
+    def check_stale_final_gone(*a, **k):
+        assert not (out / "final").exists()  # the previous result is not left looking current
+        return real_recover(*a, **k)
+
+    monkeypatch.setattr(recover_job, "run_recover", check_stale_final_gone)
     result = run_chain(path, out, overwrite=True, progress=False)
     assert result.ran == [3, 4]
     assert result.report["stages"][2]["report"]["recipe"]["lr"] == 2e-2
     assert any(not torch.equal(w, weights(out / "final")[n]) for n, w in weights(ref / "final").items())
     # a shorter recipe is a change too: refused, then its dropped stage's directory goes
+    changed["stages"].pop()
+    changed["stages"].append({"structured": {"method": "depth", "layers": 1}})
+    with pytest.raises(LLMPruneError, match=r"stage 4 \(eval\) differs"):
+        run_chain(write(path, changed), out, progress=False)
     changed["stages"].pop()
     with pytest.raises(LLMPruneError, match=r"stage 4 \(eval\) is no longer in the recipe"):
         run_chain(write(path, changed), out, progress=False)
@@ -267,3 +280,19 @@ def test_structured_stage_is_a_new_dense_base(tiny_dirs, tmp_path):
     recipe.stages[1].options["layers"] = 2
     changed = plan_stages(recipe, tmp_path / "elsewhere")
     assert changed[0].hash == prune.hash and all(a.hash != b.hash for a, b in zip(plans[1:], changed[1:], strict=True))
+
+
+def test_lora_recovery_stage_gives_a_plain_2_4_final_dir(tiny_dirs, shared_data, tmp_path):
+    pytest.importorskip("peft")
+    recipe = {"model": str(tiny_dirs["llama"]), "device": "cpu", "seqlen": 32,
+              "stages": [{"prune": {"method": "magnitude", "pattern": "2:4"}},
+                         {"recover": {"mode": "lora", "lora_rank": 4, "lr": 1e-2, **TRAIN,
+                                      "ppl": "wikitext2", "max_windows": 1}}]}
+    result = run_chain(recipe, tmp_path / "out", progress=False)
+    final = AutoModelForCausalLM.from_pretrained(result.final)
+    MaskSet.from_model(final).check(Target.nm(2, 4))
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out/stages/01-prune")
+    assert MaskSet.from_model(final).compare(MaskSet.from_model(pruned))["hamming"] == 0
+    rec = result.report["stages"][1]["report"]
+    assert rec["mode"] == "lora" and "wikitext2" in rec["remask_cost"]
+    assert not (result.final / "adapter").exists()

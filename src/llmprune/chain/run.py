@@ -152,7 +152,8 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
     with output_lock(out):
         old = list((previous or {}).get("stages", []))
         start = _first_to_run(plans, old, out, overwrite)
-        _drop(out, [r for r in old[start:] if r["index"] > len(plans)])
+        dirs = {str(p.dir.relative_to(out)) for p in plans}
+        _drop(out, [r for r in old[start:] if r["dir"] not in dirs])  # dropped, or now another kind
         records = [old[i] if i < start else _record(p, out) for i, p in enumerate(plans)]
         last = final_stage(plans)
         state = {"kind": "chain", "recipe": recipe.to_dict(), "stages": records,
@@ -162,6 +163,9 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
         with atomic_file(out / RECIPE_FILE) as f:
             f.write(recipe.to_yaml())
         write_json(out / REPORT_FILE, state)  # marks DIR as ours before any stage writes into it
+        stale = out / FINAL_DIR
+        if start < len(plans) and stale.is_dir() and (stale / REPORT_FILE).is_file():
+            shutil.rmtree(stale)  # an earlier run's result; the new one is written at the end
         ran = []
         for i in range(start, len(plans)):
             plan, record = plans[i], records[i]

@@ -141,6 +141,10 @@ def preflight(plans: list[StagePlan]) -> None:
             data = c.calib
         elif kind in ("maskllm", "recover"):
             data = c.train_data
+        if kind == "recover" and c.mode == "lora":
+            from llmprune.recover.lora import require_peft
+
+            once("peft", require_peft, where)
         if data is not None:
             once(("train", data), lambda d=data: load_corpus(d, "train"), where)
         if c.ppl:
