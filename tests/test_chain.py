@@ -230,7 +230,8 @@ def test_the_example_recipe_plans(tmp_path):
     assert prune.pattern == "2:4" and learn.pattern == "2:4" and rec.mode == "lora"
     assert learn.model == "smollm2-135m" and learn.prior == str(plans[0].dir / "masks.npz")
     assert rec.model == str(plans[1].dir) and ev.model == str(plans[2].dir)
-    assert ev.ppl == ["wikitext2"]
+    assert ev.ppl == ["wikitext2"] and prune.ppl == ["wikitext2"] and not learn.ppl and not rec.ppl
+    assert ev.ppl_seqlen == prune.ppl_seqlen == 1024 and ev.max_windows == 40
 
 
 def test_a_stage_killed_mid_training_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch, capsys):

@@ -191,6 +191,6 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
         if last is not None:
             _write_final(out, last)
             state["final"] = {"dir": FINAL_DIR, "stage": last.spec.name,
-                              "note": f"hard-linked copy of {STAGES_DIR}/{last.spec.name}"}
+                              "note": f"a copy (hard links where possible) of {STAGES_DIR}/{last.spec.name}"}
         write_json(out / REPORT_FILE, state)
     return ChainResult(out, state, ran)
