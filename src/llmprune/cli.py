@@ -8,6 +8,7 @@ import sys
 
 from pydantic import BaseModel
 
+from llmprune.chain.cli import add_run_parser, cmd_run
 from llmprune.config import PruneConfig
 from llmprune.errors import LLMPruneError
 
@@ -338,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the raw JSON")
     _masks_parser(sub)
     _bench_speed_parser(sub)
+    add_run_parser(sub)
     return parser
 
 
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "structured": _cmd_structured,
-                    "recover": _cmd_recover, "bench-speed": _cmd_bench_speed,
+                    "recover": _cmd_recover, "bench-speed": _cmd_bench_speed, "run": cmd_run,
                     "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}
         return commands[args.command](args)
     except LLMPruneError as e:

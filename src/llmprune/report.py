@@ -65,6 +65,10 @@ def summary(report: dict) -> str:
         return "\n".join(lines + format_ppl(report.get("ppl", {})) + format_tasks(report.get("tasks", {})))
     if report.get("kind") == "recover":
         return recover_summary(report)
+    if report.get("kind") in ("chain", "eval"):  # 'llmprune run' and its eval stages
+        from llmprune.chain.cli import summary as chain_summary
+
+        return chain_summary(report)
     r = report["recipe"]
     t = report["timings"]
     lines = [

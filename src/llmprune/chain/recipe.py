@@ -1,0 +1,273 @@
+"""Chained recipes: parse a YAML recipe of stages and build every stage's typed config up front.
+
+A recipe is the shared run options at the top level plus ``stages``, a list in which each
+item names one kind and holds that stage's own keys::
+
+    model: smollm2-135m
+    seed: 0
+    stages:
+      - prune: {method: sparsegpt, pattern: "2:4", solver: none}
+      - maskllm: {steps: 20}
+      - recover: {mode: lora, steps: 20}
+      - eval: {ppl: wikitext2}
+
+Each stage's config is its job's own class (``PruneConfig``, ``MaskLLMConfig``, ...) built from
+the shared keys that class has, then the stage's keys, then what the chain decides (the input
+model, the output directory, MaskLLM's prior). Everything is validated here, before any work:
+a bad key or value is one line naming the stage (``stage 3 (recover): ...``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmprune.config import PruneConfig, RunOptions
+from llmprune.errors import LLMPruneError
+from llmprune.maskllm.job import MaskLLMConfig
+from llmprune.options import Recipe, validated
+from llmprune.recover.job import RecoverConfig
+from llmprune.structured.job import StructuredConfig
+
+STAGES_DIR = "stages"
+MASK_FILE = "masks.npz"  # a prune / maskllm stage's keep-masks (MaskLLM layout): the next prior
+
+
+class EvalConfig(RunOptions):
+    """An ``eval`` stage: perplexity (``ppl``, windows of ``ppl_seqlen`` tokens, default 2048)
+    and zero-shot ``tasks`` of the model the stages before it produced."""
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """One kind of stage: its config class and what its output is."""
+
+    name: str
+    config: type[Recipe]
+    makes_model: bool = True  # its directory holds a model the next stage reads
+    dense: bool = False  # that model's weights are dense (a new base for MaskLLM's mask-only training)
+
+
+KINDS: dict[str, StageKind] = {k.name: k for k in (
+    StageKind("prune", PruneConfig),
+    StageKind("maskllm", MaskLLMConfig),
+    StageKind("recover", RecoverConfig),
+    StageKind("structured", StructuredConfig, dense=True),
+    StageKind("eval", EvalConfig, makes_model=False),
+)}
+
+# Set by the chain, never by the user: where each stage reads and writes.
+CHAIN_KEYS = ("model", "out", "overwrite", "resume")
+# Stage inputs that only make sense for one stage.
+STAGE_ONLY = ("prior", "masks")
+CALIB_ALIAS = ("calib", "train_data")  # as the CLI's --calib of maskllm and recover
+
+
+@dataclass
+class StageSpec:
+    """A stage as written: its 1-based index, kind and own keys."""
+
+    index: int
+    kind: str
+    options: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:02d}-{self.kind}"
+
+
+@dataclass
+class ChainRecipe:
+    """A parsed (not yet planned) recipe: the shared keys and the stages."""
+
+    shared: dict[str, Any]
+    stages: list[StageSpec]
+
+    @property
+    def model(self) -> str:
+        return str(self.shared.get("model", RunOptions.model_fields["model"].default))
+
+    def to_dict(self) -> dict:
+        """The recipe in its normal form (each stage a one-key mapping), as ``recipe.yaml`` holds it."""
+        return {**self.shared, "stages": [{s.kind: dict(s.options)} for s in self.stages]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+@dataclass
+class StagePlan:
+    """A stage ready to run: its validated config (with input and output filled in)."""
+
+    spec: StageSpec
+    kind: StageKind
+    dir: Path
+    config: Recipe
+    inputs: dict[str, str]  # what it reads, by what it is (the recipe's model, "stage 01-prune"), for the hash
+    hash: str = ""
+    mask_file: Path | None = None  # the masks.npz this stage leaves for a later MaskLLM prior
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        return self.spec.index
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.spec.index} ({self.spec.kind})"
+
+    def normalised(self) -> dict:
+        """The full config this stage runs, with paths the chain chose replaced by what they are."""
+        data = self.config.model_dump(exclude=set(CHAIN_KEYS) - {"model"})
+        data.update(self.inputs)
+        return data
+
+
+def _all_keys() -> set[str]:
+    keys = {k for kind in KINDS.values() for k in kind.config.model_fields}
+    return keys | {"calib"}
+
+
+def _unknown(key: str, known: set[str], where: str) -> LLMPruneError:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return LLMPruneError(f"{where}: unknown option {key!r}{hint}")
+
+
+def parse_recipe(data: Any) -> ChainRecipe:
+    """Check the recipe's shape (top-level keys, stage list, kinds); values are checked by
+    :func:`plan_stages`."""
+    if not isinstance(data, dict):
+        raise LLMPruneError(f"a chained recipe must be a YAML mapping with 'stages', got {type(data).__name__}")
+    if "stages" not in data:
+        raise LLMPruneError("the recipe has no 'stages' list; for a single one-shot job use "
+                            "'llmprune prune --recipe'")
+    shared = {k: v for k, v in data.items() if k != "stages"}
+    known = _all_keys()
+    for key in shared:
+        if key in CHAIN_KEYS[1:]:
+            raise LLMPruneError(f"recipe: {key!r} is set by 'llmprune run' (--out, --overwrite), "
+                                "not in the recipe")
+        if key in STAGE_ONLY:
+            raise LLMPruneError(f"recipe: {key!r} belongs in the stage that reads it, not at the top")
+        if key not in known:
+            raise _unknown(key, known, "recipe")
+    raw = data["stages"]
+    if not isinstance(raw, list) or not raw:
+        raise LLMPruneError("recipe: 'stages' must be a non-empty list, e.g. [{prune: {...}}, {eval: {...}}]")
+    stages = []
+    for i, item in enumerate(raw, 1):
+        if isinstance(item, str):  # "- eval": a stage with no keys of its own
+            item = {item: None}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise LLMPruneError(f"stage {i}: must be a mapping of one kind to its options, e.g. "
+                                f"'- prune: {{pattern: \"2:4\"}}', got {item!r}")
+        (kind, options), = item.items()
+        if kind not in KINDS:
+            close = difflib.get_close_matches(str(kind), list(KINDS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise LLMPruneError(f"stage {i}: unknown kind {kind!r}; {hint}choose from {', '.join(KINDS)}")
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise LLMPruneError(f"stage {i} ({kind}): options must be a mapping of key: value, got {options!r}")
+        for key in options:
+            if key in CHAIN_KEYS:
+                what = ("the previous stage's output (give the model once, at the top)" if key == "model"
+                        else "chosen by the chain (DIR/stages/NN-kind)")
+                raise LLMPruneError(f"stage {i} ({kind}): {key!r} is {what}; remove it")
+        stages.append(StageSpec(i, str(kind), dict(options)))
+    return ChainRecipe(shared, stages)
+
+
+def load_recipe(path_or_data: str | Path | dict) -> ChainRecipe:
+    """A recipe from a YAML file (or an already read mapping), shape-checked."""
+    if isinstance(path_or_data, dict):
+        return parse_recipe(path_or_data)
+    p = Path(path_or_data).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LLMPruneError(f"cannot read recipe {p}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LLMPruneError(f"recipe {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    return parse_recipe(data)
+
+
+def _with_alias(cls: type[Recipe], options: dict, where: str) -> dict:
+    """``calib`` means ``train_data`` for the training stages (as their CLI flag does)."""
+    if "calib" in options and "calib" not in cls.model_fields and "train_data" in cls.model_fields:
+        if "train_data" in options:
+            raise LLMPruneError(f"{where}: give 'calib' or 'train_data', not both (they are the same here)")
+        options = {("train_data" if k == "calib" else k): v for k, v in options.items()}
+    return options
+
+
+def _stage_config(spec: StageSpec, kind: StageKind, shared: dict, chain: dict) -> Recipe:
+    where = f"stage {spec.index} ({spec.kind})"
+    cls = kind.config
+    own = _with_alias(cls, spec.options, where)
+    for key in own:
+        if key not in cls.model_fields:
+            raise _unknown(key, set(cls.model_fields) - set(CHAIN_KEYS), where)
+    common = {k: v for k, v in _with_alias(cls, shared, "recipe").items() if k in cls.model_fields}
+    try:
+        return validated(cls, {**common, **own, **chain}).validate()
+    except LLMPruneError as e:
+        raise LLMPruneError(f"{where}: {e}") from None
+
+
+def _chain_hash(previous: str, normalised: dict) -> str:
+    text = json.dumps(normalised, sort_keys=True, default=str)
+    return hashlib.sha256(f"{previous}\n{text}".encode()).hexdigest()[:16]
+
+
+def plan_stages(recipe: ChainRecipe, out: str | Path) -> list[StagePlan]:
+    """Every stage's validated config, input and output directory under ``out``, before any work.
+
+    The model flows from stage to stage (each reads the last model-producing stage's directory);
+    MaskLLM trains on the last *dense* model (the recipe's, or a structured stage's output) with
+    the last prune / maskllm stage's ``masks.npz`` as its prior unless the stage names one. Each
+    stage's hash covers its full config and those of the stages before it.
+    """
+    out = Path(out).expanduser().resolve()
+    model = recipe.model
+    dense = model_in = (model, model)  # the recipe's model by name: a new model is a new chain
+    mask: tuple[Path, str] | None = None
+    plans, previous = [], ""
+    for spec in recipe.stages:
+        kind = KINDS[spec.kind]
+        d = out / STAGES_DIR / spec.name
+        source = dense if spec.kind == "maskllm" else model_in
+        chain: dict[str, Any] = {"model": str(source[0]), "out": str(d), "overwrite": True}
+        inputs = {"model": source[1]}
+        if spec.kind == "maskllm" and "prior" not in spec.options and mask is not None:
+            chain["prior"] = str(mask[0])
+            inputs["prior"] = mask[1]
+        config = _stage_config(spec, kind, recipe.shared, chain)
+        plan = StagePlan(spec, kind, d, config, inputs)
+        plan.hash = previous = _chain_hash(previous, plan.normalised())
+        if spec.kind in ("prune", "maskllm"):
+            plan.mask_file = d / MASK_FILE
+            mask = (plan.mask_file, f"stage {spec.name} {MASK_FILE}")
+        if kind.makes_model:
+            model_in = (d, f"stage {spec.name}")
+        if kind.dense:
+            dense, mask = model_in, None  # new shapes: earlier masks no longer fit
+        plans.append(plan)
+    return plans
+
+
+def final_stage(plans: list[StagePlan]) -> StagePlan | None:
+    """The last stage that produces a model (its output is the chain's result)."""
+    return next((p for p in reversed(plans) if p.kind.makes_model), None)
+
