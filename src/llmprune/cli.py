@@ -74,57 +74,54 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _maskllm_parser(sub) -> None:
-    from llmprune.maskllm.job import MaskLLMConfig
-
-    p = sub.add_parser("maskllm", help="learn N:M masks end to end (MaskLLM) and apply them",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
+def _training_parser(sub, name: str, config_cls: type, help: str, model_help: str) -> None:
+    """A training command (maskllm, recover): flags from its config, ``--calib`` = ``--train-data``."""
+    p = sub.add_parser(name, help=help, argument_default=argparse.SUPPRESS)
+    p.add_argument("model", nargs="?", help=model_help)
     p.add_argument("--calib", dest="train_data", help="same as --train-data")
-    add_option_flags(p, MaskLLMConfig, skip=("model",))
+    add_option_flags(p, config_cls, skip=("model",))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def _cmd_maskllm(args: argparse.Namespace) -> int:
-    from llmprune.maskllm.job import MaskLLMConfig, run_maskllm
-    from llmprune.report import summary
+def _maskllm_parser(sub) -> None:
+    from llmprune.maskllm.job import MaskLLMConfig
 
-    opts = vars(args)
-    opts.pop("command")
-    quiet = opts.pop("quiet", False)
-    config = MaskLLMConfig(**opts)
-    job = run_maskllm(config, progress=not quiet)
-    print(summary(job.report))
-    if config.out:
-        print(f"saved to {config.out} (masks: {config.out}/masks.npz, report: {config.out}/pruning.json)")
-    return 0
+    _training_parser(sub, "maskllm", MaskLLMConfig, "learn N:M masks end to end (MaskLLM) and apply them",
+                     "bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
 
 
 def _recover_parser(sub) -> None:
     from llmprune.recover.job import RecoverConfig
 
-    p = sub.add_parser("recover", help="fine-tune a pruned model with its mask fixed (masked or LoRA)",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("model", nargs="?", help="pruned directory (its zeros are the mask), local HF dir, "
-                                            ".gguf file or hub id")
-    p.add_argument("--calib", dest="train_data", help="same as --train-data")
-    add_option_flags(p, RecoverConfig, skip=("model",))
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _training_parser(sub, "recover", RecoverConfig,
+                     "fine-tune a pruned model with its mask fixed (masked or LoRA)",
+                     "pruned directory (its zeros are the mask), local HF dir, .gguf file or hub id")
 
 
-def _cmd_recover(args: argparse.Namespace) -> int:
-    from llmprune.recover.job import RecoverConfig, run_recover
+def _run_training(args: argparse.Namespace, config_cls: type, run, saved: str) -> int:
     from llmprune.report import summary
 
     opts = vars(args)
     opts.pop("command")
     quiet = opts.pop("quiet", False)
-    config = RecoverConfig(**opts)
-    job = run_recover(config, progress=not quiet)
+    config = config_cls(**opts)
+    job = run(config, progress=not quiet)
     print(summary(job.report))
     if config.out:
-        print(f"saved to {config.out} (report: {config.out}/pruning.json)")
+        print(f"saved to {config.out} ({saved.format(out=config.out)})")
     return 0
+
+
+def _cmd_maskllm(args: argparse.Namespace) -> int:
+    from llmprune.maskllm.job import MaskLLMConfig, run_maskllm
+
+    return _run_training(args, MaskLLMConfig, run_maskllm, "masks: {out}/masks.npz, report: {out}/pruning.json")
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from llmprune.recover.job import RecoverConfig, run_recover
+
+    return _run_training(args, RecoverConfig, run_recover, "report: {out}/pruning.json")
 
 
 def _structured_parser(sub) -> None:
@@ -158,26 +155,13 @@ def _cmd_structured(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from llmprune.eval.zeroshot import TaskOptions, format_tasks
-    from llmprune.export.save import write_json
+    from llmprune.export.save import check_json_path, write_json
     from llmprune.options import validated
     from llmprune.pipeline import evaluate
 
-    out = Path(args.json).expanduser() if args.json else None
-    if out is not None:
-        # Fail now, not after an hour of evaluation: open (or create) the file, and remove it
-        # again if this created it, so a failed run leaves nothing behind.
-        existed = out.exists()
-        if out.is_dir():
-            raise LLMPruneError(f"--json {out} is a directory; give a file path")
-        try:
-            out.open("a").close()
-        except OSError as e:
-            raise LLMPruneError(f"cannot write --json {out}: {e.strerror or e}") from None
-        if not existed:
-            out.unlink()
+    out = check_json_path(args.json) if args.json else None
     given = {k: v for k in TaskOptions.model_fields if (v := getattr(args, k, None)) is not None}
     tasks = validated(TaskOptions, given)  # bad values: one line, as for the other commands
     # Perplexity on WikiText-2 unless only tasks were asked for.
@@ -296,9 +280,9 @@ def _bench_speed_parser(sub) -> None:
 
 
 def _cmd_bench_speed(args: argparse.Namespace) -> int:
-    from llmprune.export.save import write_json
+    from llmprune.export.save import check_json_path, write_json
     from llmprune.options import validated
-    from llmprune.speed.bench import SpeedOptions, bench_speed, check_json_path, format_report
+    from llmprune.speed.bench import SpeedOptions, bench_speed, format_report
 
     opts = vars(args)
     opts.pop("command")

@@ -344,3 +344,18 @@ def save_pruned(model, tokenizer, out: str | Path, report: dict, recipe_yaml: st
         write_json(tmp / REPORT_FILE, report)
     return Path(out)
 
+
+def check_json_path(path: str | Path) -> Path:
+    """``--json`` as a path that can be written, checked before any heavy work (a failed run then
+    loses no hour of evaluation); nothing is left behind."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise LLMPruneError(f"--json {out} is a directory; give a file path")
+    existed = out.exists()
+    try:
+        out.open("a").close()
+    except OSError as e:
+        raise LLMPruneError(f"cannot write --json {out}: {e.strerror or e}") from None
+    if not existed:
+        out.unlink()
+    return out

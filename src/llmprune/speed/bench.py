@@ -162,17 +162,3 @@ def format_report(r: dict) -> list[str]:
                      f"at these shapes and on this GPU the sparse kernels do not pay off; serve it dense")
     return lines
 
-
-def check_json_path(path: str | Path) -> Path:
-    """``--json`` as a path that can be written, checked before any timing; nothing is left behind."""
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise LLMPruneError(f"--json {out} is a directory; give a file path")
-    existed = out.exists()
-    try:
-        out.open("a").close()
-    except OSError as e:
-        raise LLMPruneError(f"cannot write --json {out}: {e.strerror or e}") from None
-    if not existed:
-        out.unlink()
-    return out
