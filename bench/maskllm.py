@@ -142,7 +142,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("WikiText-2 PPL (1024, first 40 windows)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    ax.set_title("SmolLM2-135M, 2:4, learned masks vs one-shot (CPU)")
+    where = "run on a GPU" if str(result.get("device", "cpu")).startswith("cuda") else "CPU"
+    ax.set_title(f"SmolLM2-135M, 2:4, learned masks vs one-shot ({where})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
