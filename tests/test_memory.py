@@ -1,10 +1,12 @@
-"""Evaluation in bounded memory: the loss a chunk of positions at a time (llmprune.eval.loss)
-gives the perplexity of the model's own full forward, and never builds a batch's logits."""
+"""Bounded memory. Evaluation: the loss a chunk of positions at a time (llmprune.eval.loss)
+gives the perplexity of the model's own full forward, and never builds a batch's logits.
+Pruning: one buffer of activations, and no linear's input kept alive by the statistics."""
 
 from __future__ import annotations
 
 import importlib
 import math
+import weakref
 
 import pytest
 import torch
@@ -13,6 +15,11 @@ from conftest import family_model, tiny_model
 import llmprune.eval.loss as loss_mod
 from llmprune.data.sources import load_corpus
 from llmprune.data.tokens import eval_token_stream
+from llmprune.engine.capture import capture_inputs
+from llmprune.engine.sequential import LayerPlan, LayerWalk, run_layer, run_sequential
+from llmprune.engine.stats import LayerStats
+from llmprune.models.layers import decoder_layers, linear_layers
+from llmprune.sparsity.patterns import Target
 
 # the module, not the function that llmprune.eval re-exports under the same name
 ppl_mod = importlib.import_module("llmprune.eval.perplexity")
@@ -95,3 +102,73 @@ def test_layer_by_layer_placement_same_loss(ids, monkeypatch):
     monkeypatch.setattr(ppl_mod, "choose_placement", lambda *a: "layers")
     r = ppl_mod.perplexity(model, ids, SEQLEN, max_windows=n, progress=False, device="cpu")
     assert r["ppl"] == pytest.approx(math.exp(sum(ref) / n), rel=1e-5)
+
+
+# ---- pruning ------------------------------------------------------------------------------
+
+def calib(n=5, seqlen=24):
+    return torch.randint(0, 512, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def test_statistics_keep_no_input_alive():
+    """The hooks find shared inputs (q/k/v, gate/up) without holding any linear's input past
+    the forward: e.g. down_proj's input (batch × seqlen × intermediate) is freed at once."""
+    model = tiny_model("llama", layers=1)
+    layer = decoder_layers(model)[0]
+    inps, kw = capture_inputs(model, [layer], calib(), "cpu")
+    refs = []
+    handles = [lin.register_forward_pre_hook(lambda m, a: refs.append(weakref.ref(a[0])))
+               for lin in linear_layers(layer).values()]
+    stats = LayerStats(linear_layers(layer), frozenset({"xtx"}))
+    run_layer(layer, inps, kw[0], None, stats, batch_size=2)
+    for h in handles:
+        h.remove()
+    assert refs and all(r() is None for r in refs)
+    assert stats.groups() == {"self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                              "self_attn.o_proj": ["self_attn.o_proj"],
+                              "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj": ["mlp.down_proj"]}
+    assert stats.tokens["mlp.down_proj"] == 5 * 24
+
+
+def test_walk_keeps_one_activation_buffer():
+    """Each layer's outputs replace its inputs in place: every layer sees the same buffer,
+    holding exactly what the dense model's layer receives."""
+    model = tiny_model("llama", layers=3)
+    ids = calib()
+    want = []
+    hooks = [L.register_forward_pre_hook(lambda m, a, k: want.append((k.get("hidden_states", a[0] if a else None))
+                                                                   .clone()), with_kwargs=True)
+             for L in decoder_layers(model)]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    walk = LayerWalk(model, ids, "cpu", "t", progress=False)
+    ptrs = []
+    for i, _layer in walk:
+        ptrs.append(walk.inps.data_ptr())
+        torch.testing.assert_close(walk.inps, want[i], rtol=1e-5, atol=1e-5)
+    assert len(set(ptrs)) == 1 and not hasattr(walk, "outs")
+
+
+def test_in_place_propagation_same_pruning():
+    """Writing outputs over the inputs changes nothing: the same masks as with a second buffer."""
+    model, ref = tiny_model("llama", layers=3), tiny_model("llama", layers=3)
+    ids = calib()
+    plan = LayerPlan("sparsegpt", [Target.unstructured(0.5)] * 3)
+    run_sequential(model, ids, plan, progress=False)
+    # the reference: every layer fed from a separate output buffer
+    layers = decoder_layers(ref)
+    inps, kw = capture_inputs(ref, layers, ids, "cpu")
+    from llmprune.engine.sequential import prune_layer
+
+    for i, layer in enumerate(layers):
+        stats = LayerStats(linear_layers(layer), frozenset({"xtx"}))
+        run_layer(layer, inps, kw[i], None, stats)
+        stats.remove()
+        prune_layer(layer, plan, plan.targets[i], stats)
+        outs = torch.empty_like(inps)
+        run_layer(layer, inps, kw[i], outs)
+        inps = outs
+    for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
