@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.engine.capture import capture_inputs, layer_output
+from llmprune.engine.memory import return_big_frees_to_os
 from llmprune.engine.stats import LayerStats
 from llmprune.models.adapter import per_expert_linears, routed_linears
 from llmprune.models.layers import decoder_layers, linear_layers
@@ -228,6 +229,7 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
     Each entry has the layer's ``target`` and ``target_sparsity``; with an allocator also its
     measure (e.g. ``outlier_ratio``) and the dense pass's ``allocation_seconds``.
     """
+    return_big_frees_to_os()  # freed activations leave the RSS instead of fragmenting the heap
     layers = decoder_layers(model)
     targets, measures, measure_s = plan.targets, None, None
     if plan.allocator is not None:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from llmprune.data.sources import Corpus, load_corpus
 from llmprune.data.tokens import eval_token_stream
+from llmprune.engine.memory import return_big_frees_to_os
 from llmprune.errors import LLMPruneError
 from llmprune.eval.loss import chunked_window_nlls, plain_window_nlls
 from llmprune.eval.placement import choose_placement, model_device, placed
@@ -63,6 +64,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
     was afterwards. See :mod:`llmprune.eval.placement`.
     """
     check_eval_args(seqlen, max_windows, batch_size)
+    return_big_frees_to_os()  # each batch's activations and logit chunks leave the RSS when freed
     n = ids.shape[1] // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
