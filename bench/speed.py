@@ -54,6 +54,7 @@ from torch import nn  # noqa: E402
 import llmprune  # noqa: E402
 import llmprune.engine.sequential as seq  # noqa: E402
 from llmprune.engine.capture import capture_inputs  # noqa: E402
+from llmprune.engine.memory import return_big_frees_to_os  # noqa: E402
 from llmprune.engine.stats import LayerStats  # noqa: E402
 from llmprune.eval.sparsity import measure_sparsity  # noqa: E402
 from llmprune.models.adapter import per_expert_linears  # noqa: E402
@@ -73,7 +74,7 @@ SETTINGS = "0.5,2:4"
 LLMC_METHODS = {"magnitude", "wanda", "sparsegpt"}
 CATEGORIES = ("forward matmuls", "attention", "elementwise", "statistics (XᵀX / Σx²)",
               "solve (cholesky/inverse/triangular)", "method other (masks, updates)", "copies")
-SOLVE_OPS = ("cholesky", "inverse", "triangular", "linalg_solve", "lu", "eigh", "linalg_inv")
+SOLVE_OPS = ("cholesky", "inverse", "triangular", "aten::linalg_")  # substrings of op names
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm", "aten::baddbmm"}
 COPY_OPS = {"aten::copy_", "aten::clone", "aten::to", "aten::_to_copy", "aten::contiguous",
             "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::zeros", "aten::zero_",
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
+    return_big_frees_to_os()  # as run_sequential does: the floor passes run under the same allocator
     model, tok = llmprune.load_model(args.model)
     if args.layers:
         keep_layers(model, args.layers)
