@@ -74,7 +74,7 @@ def capture_inputs(model: nn.Module, layers: Sequence[nn.Module], ids: torch.Ten
     """
     if ids.shape[0] == 0:
         raise ValueError("no calibration rows")
-    hidden: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []  # row 0's; the rest go straight into the stacked buffer
     per_layer: list[dict | None] = [None] * len(layers)
     memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     wrap = None  # what a layer returns, as a function of the hidden state it passes on
@@ -112,21 +112,29 @@ def capture_inputs(model: nn.Module, layers: Sequence[nn.Module], ids: torch.Ten
     if missing or not hidden:
         raise LLMPruneError(f"{type(model).__name__} did not call decoder layers {missing} in its forward")
 
-    # Other rows: only the first layer's input, stopping there.
+    # Other rows: only the first layer's input, stopping there, written into one buffer
+    # (a list of rows and its concatenation would hold every row twice).
+    first = hidden.pop()
+    stacked = torch.empty((ids.shape[0] * first.shape[0], *first.shape[1:]), dtype=first.dtype, device=device)
+    stacked[: first.shape[0]] = first
+    del first
+    row = 0
+
     def grab(_module, args, kw):
-        hidden.append((args[0] if args else kw["hidden_states"]).to(device))
+        h = args[0] if args else kw["hidden_states"]
+        stacked[row * h.shape[0] : (row + 1) * h.shape[0]] = h
         raise _Captured
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for i in range(1, ids.shape[0]):
+        for row in range(1, ids.shape[0]):
             try:
-                model(ids[i : i + 1].to(emb_device), use_cache=False)
+                model(ids[row : row + 1].to(emb_device), use_cache=False)
             except _Captured:
                 pass
     finally:
         handle.remove()
-    return torch.cat(hidden), per_layer
+    return stacked, per_layer
 
 
 @torch.no_grad()

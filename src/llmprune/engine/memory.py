@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 
 import torch
 from torch import nn
@@ -11,6 +13,30 @@ from llmprune.errors import LLMPruneError
 from llmprune.models.layers import decoder_layers, linear_layers
 
 GiB = 1024**3
+
+# glibc serves allocations above this size by mmap, so a freed block goes straight back to
+# the OS. Its default threshold grows to 32 MiB as big blocks are freed, after which the
+# 5-30 MB activations of a layer's forward come from the heap and freed ones stay there
+# (fragmentation): ~150 MB more peak RSS when pruning SmolLM2-135M, for no speed gain.
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+_mmap_set = False
+
+
+def return_big_frees_to_os() -> bool:
+    """Make glibc hand every freed block of ≥ 1 MiB back to the OS at once (mallopt
+    ``M_MMAP_THRESHOLD``); no effect on the values computed. Once per process; False where
+    the C library is not glibc."""
+    global _mmap_set
+    if _mmap_set:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        _mmap_set = bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+    return _mmap_set
 
 
 def available_bytes(device: str | torch.device) -> int | None:

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.engine.capture import capture_inputs, layer_output
+from llmprune.engine.memory import return_big_frees_to_os
 from llmprune.engine.stats import LayerStats
 from llmprune.models.adapter import per_expert_linears, routed_linears
 from llmprune.models.layers import decoder_layers, linear_layers
@@ -62,6 +63,8 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Te
               stats: LayerStats | None = None, batch_size: int = BATCH_SIZE) -> None:
     """Run every calibration row through ``layer``; write outputs into ``outs`` if given.
 
+    ``outs`` may be ``inps`` itself: a row's output depends only on that row, and each batch
+    of rows is written after its forward, so the outputs replace the inputs in place.
     ``kwargs`` are the layer's own captured arguments (rotary embeddings, masks); they have
     batch size 1 and broadcast.
     """
@@ -156,11 +159,12 @@ class LayerWalk:
         self.layers = decoder_layers(model)
         self.device = device
         self.desc, self.progress = desc, progress
-        self.inps = self.outs = None
+        # One buffer of activations: the current layer's inputs, replaced by its outputs in
+        # place when the layer is done (see run_layer), so one layer's worth is ever alive.
+        self.inps = None
         self.layer_kwargs: list[dict] = [{} for _ in self.layers]
         if ids is not None:
             self.inps, self.layer_kwargs = capture_inputs(model, self.layers, ids, device)
-            self.outs = torch.empty_like(self.inps)
         self.seconds: list[float] = []
         self._propagated = False
         self._index = 0
@@ -176,8 +180,7 @@ class LayerWalk:
                 yield i, layer
                 if self.inps is not None and i + 1 < len(self.layers):
                     if not self._propagated:
-                        run_layer(layer, self.inps, self.layer_kwargs[i], self.outs)
-                    self.inps, self.outs = self.outs, self.inps
+                        run_layer(layer, self.inps, self.layer_kwargs[i], self.inps)
             layer.to(home)
             self.seconds.append(time.perf_counter() - t0)
             bar.set_postfix(sec=f"{self.seconds[-1]:.1f}")
@@ -188,7 +191,7 @@ class LayerWalk:
         if self.inps is None:
             raise ValueError("statistics need calibration ids")
         stats = LayerStats(linear_layers(layer), needs)
-        out = self.outs if propagate else None
+        out = self.inps if propagate else None
         run_layer(layer, self.inps, self.layer_kwargs[self._index], out, stats)
         stats.remove()
         self._propagated = propagate
@@ -226,6 +229,7 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
     Each entry has the layer's ``target`` and ``target_sparsity``; with an allocator also its
     measure (e.g. ``outlier_ratio``) and the dense pass's ``allocation_seconds``.
     """
+    return_big_frees_to_os()  # freed activations leave the RSS instead of fragmenting the heap
     layers = decoder_layers(model)
     targets, measures, measure_s = plan.targets, None, None
     if plan.allocator is not None:

@@ -3,6 +3,8 @@ same input (q/k/v, gate/up), so each statistic is accumulated once per distinct 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -11,8 +13,9 @@ class LayerStats:
     """Accumulate ``col_sq`` (Σx² per input channel) and/or ``xtx`` (XᵀX) in fp32.
 
     Sharing is found on the first sample: linears whose pre-hook sees the very same input
-    tensor object share one accumulator. Inputs seen during a sample are held until the next
-    sample, so no freed tensor's memory can be mistaken for a shared input.
+    tensor object share one accumulator. The inputs seen during a sample are remembered by
+    weak reference: a freed input can be mistaken for no later one (its reference is dead,
+    whatever reuses its id or memory), and none is kept alive past its use in the forward.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], needs: frozenset[str]):
@@ -21,15 +24,15 @@ class LayerStats:
         self.col_sq: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
-        self._seen: list[tuple[torch.Tensor, str]] = []
+        self._seen: list[tuple[weakref.ref, str]] = []
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
 
     def _hook(self, name: str):
         def fn(_module, args):
             x = args[0]
             if name not in self.owner:
-                self.owner[name] = next((n for t, n in self._seen if t is x), name)
-            self._seen.append((x, name))
+                self.owner[name] = next((n for t, n in self._seen if t() is x), name)
+            self._seen.append((weakref.ref(x), name))
             if self.owner[name] == name:
                 self._accumulate(name, x)
         return fn

@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 
 from llmprune.data.sources import Corpus, load_corpus
 from llmprune.data.tokens import eval_token_stream
+from llmprune.engine.memory import return_big_frees_to_os
 from llmprune.errors import LLMPruneError
+from llmprune.eval.loss import chunked_window_nlls, plain_window_nlls
 from llmprune.eval.placement import choose_placement, model_device, placed
 
 EVAL_SPLIT = {"wikitext2": "test", "c4": "validation"}
@@ -62,6 +64,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
     was afterwards. See :mod:`llmprune.eval.placement`.
     """
     check_eval_args(seqlen, max_windows, batch_size)
+    return_big_frees_to_os()  # each batch's activations and logit chunks leave the RSS when freed
     n = ids.shape[1] // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
@@ -73,13 +76,17 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress)
     with placed(model, device, mode):
         dev = model_device(model)
+        chunked = True
         for i in range(0, n, batch_size):
             batch = windows[i : i + batch_size].to(dev)
-            logits = model(batch, use_cache=False).logits
-            for j in range(batch.shape[0]):
-                # One window's fp32 logits at a time; a batch's would be batch×seqlen×vocab×4 bytes.
-                nll += nn.functional.cross_entropy(logits[j, :-1].float(), batch[j, 1:]).item()
-            del logits
+            # The loss a chunk of positions at a time: a batch's logits would be
+            # batch×seqlen×vocab (4×1024×49152 fp32 ≈ 0.8 GB for SmolLM2).
+            nlls = chunked_window_nlls(model, batch) if chunked else None
+            if nlls is None:  # logits the head alone does not reproduce: the model's full forward
+                chunked = False
+                nlls = plain_window_nlls(model, batch)
+            for v in nlls:
+                nll += v
             bar.update(batch.shape[0])
     bar.close()
     return {"ppl": mean_to_ppl(nll / n), "windows": n, "seqlen": seqlen, "tokens": n * seqlen}

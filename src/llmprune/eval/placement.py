@@ -1,7 +1,7 @@
 """Run an evaluation forward on a compute device without leaving the model there.
 
 The whole model goes to the device when it fits in the free memory there (with a margin for
-the logits); otherwise only the embeddings, final norm and head go, and each decoder layer is
+the activations); otherwise only the embeddings, final norm and head go, and each decoder layer is
 brought over just for its own forward. Weights are *swapped*, not copied back: evaluation
 changes no weight, so afterwards every parameter points at its original tensor again and
 nothing is copied device → host.
@@ -16,6 +16,7 @@ from torch import nn
 
 from llmprune.engine.memory import available_bytes
 from llmprune.errors import LLMPruneError
+from llmprune.eval.loss import chunk_positions
 from llmprune.models.layers import decoder_layers
 
 # Keep this share of the free device memory unused, plus RESERVE bytes for the CUDA context,
@@ -57,10 +58,11 @@ def free_device_memory(device: torch.device) -> int | None:
 
 
 def workspace_bytes(model: nn.Module, batch_size: int, seqlen: int) -> int:
-    """Logits of one batch in the model's dtype, plus one window's fp32 logits and its log-softmax."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    """Final hidden states of one batch in the model's dtype, plus one chunk's fp32 logits and
+    its log-softmax (the loss is computed a chunk of positions at a time: :mod:`llmprune.eval.loss`)."""
+    vocab, width = model.get_output_embeddings().weight.shape
     elt = next(model.parameters()).element_size()
-    return batch_size * seqlen * vocab * elt + 2 * seqlen * vocab * 4
+    return batch_size * seqlen * width * elt + 2 * chunk_positions(vocab) * vocab * 4
 
 
 def choose_placement(model: nn.Module, device: str | torch.device | None, batch_size: int,
