@@ -143,6 +143,8 @@ def test_shrink_toward_the_diagonal():
     assert res.errors["local_search"] <= res.errors["greedy"]
     with pytest.raises(ValueError, match="shrink"):
         O.osscar_prune(W.T.float(), H.float(), 8, shrink=1.0)
+    with pytest.raises(LLMPruneError, match="shrink"):
+        StructuredOptions(ratio=0.2, shrink=1.0)
 
 
 def test_shrink_regularises_the_refit_on_few_tokens():
