@@ -51,7 +51,7 @@ class StructuredOptions(Recipe):
     candidates: PositiveInt = Field(64, description="osscar: kept channels tried per local-search swap")
     percdamp: NonNegativeFloat = Field(0.01, description="osscar: damping of XᵀX, a fraction of its mean "
                                                          "diagonal")
-    shrink: ShrinkShare = Field(0.2, description="osscar: shrink XᵀX toward its diagonal by this share "
+    shrink: ShrinkShare = Field(0.4, description="osscar: shrink XᵀX toward its diagonal by this share "
                                                  "before greedy / local search / re-fit (discounts channel "
                                                  "correlations over-estimated on few calibration tokens; 0 = "
                                                  "plain XᵀX as in the paper)")

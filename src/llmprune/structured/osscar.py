@@ -212,7 +212,7 @@ def refit(W: torch.Tensor, Hd: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
 
 def osscar_prune(W_down: torch.Tensor, H: torch.Tensor, width: int, *, greedy: bool = True,
                  local_search_swaps: int = 100, refit_down: bool = True, block: int = 1,
-                 candidates: int = 64, percdamp: float = 0.01, shrink: float = 0.2,
+                 candidates: int = 64, percdamp: float = 0.01, shrink: float = 0.4,
                  XtY: torch.Tensor | None = None, YtY: float | None = None) -> OSSCARResult:
     """Keep ``width`` of the ``I`` input channels of ``W_down (d, I)`` given ``H = XᵀX (I, I)``.
 
