@@ -5,10 +5,12 @@ Protocol (defaults, as the other benchmarks): calibration 32 windows x 1024 C4-t
 seed 0, drawn once and cached in bench/out/ (safetensors); WikiText-2 test perplexity with
 1024-token windows, the first 40. Every run starts from a fresh copy of the dense model.
 
-- OSSCAR at 10/20/30 % of MLP channels (width rounded to 64), six variants: the baseline
+- OSSCAR at 10/20/30 % of MLP channels (width rounded to 64), eight variants: the baseline
   (channel score ‖W‖·‖X‖, no re-fit), greedy only, greedy + re-fit (what AMD Quark
-  implements), greedy + local search, the full OSSCAR (greedy + local search + re-fit), and
-  the full OSSCAR fitted to the dense model's outputs (``dense_target``).
+  implements), greedy + local search, the full OSSCAR (greedy + local search + re-fit), the
+  full OSSCAR fitted to the dense model's outputs (``dense_target``), the channel score +
+  re-fit, and the full OSSCAR on the plain XᵀX (``shrink=0``, the paper's objective; every
+  other variant uses the default shrink toward the diagonal, docs/structured.md).
 - Depth k ∈ {2, 4, 6}: every window scored by calibration PPL (on ``--depth-nsamples`` rows),
   cosine and angular distance; the block each score chooses vs removing the last k layers.
 - Every model: parameters, WikiText-2 PPL, CPU prefill and decode tokens/s (greedy decode with
@@ -67,6 +69,9 @@ VARIANTS = {
     "osscar": (dict(greedy=True, local_search=True, refit=True), "OSSCAR: greedy + local search + re-fit"),
     "osscar-dense": (dict(greedy=True, local_search=True, refit=True, dense_target=True),
                      "OSSCAR fitted to the dense model's outputs"),
+    "score+refit": (dict(greedy=False, local_search=False, refit=True), "channel score + re-fit"),
+    "osscar-plain": (dict(greedy=True, local_search=True, refit=True, shrink=0.0),
+                     "OSSCAR on the plain XᵀX (no shrink, as the paper)"),
 }
 RATIOS = "0.1,0.2,0.3"
 DEPTH_K = "2,4,6"

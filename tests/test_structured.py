@@ -93,6 +93,83 @@ def test_greedy_step_removes_the_cheapest_channel_exactly():
     assert int(O.greedy_remove(W, P, 5, block=2).sum()) == 5
 
 
+def _brute_refit_error(X: torch.Tensor, W: torch.Tensor, lam: float, removed: torch.Tensor) -> float:
+    """min over Ŵ (Ŵ_R = 0) of ‖X(W − Ŵ)‖² + λ‖W − Ŵ‖², by plain least squares on [X; √λ I]."""
+    n = W.shape[0]
+    A = torch.cat([X, lam**0.5 * torch.eye(n, dtype=X.dtype)])
+    B = A @ W
+    keep = (~removed).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return float((B * B).sum())
+    sol = torch.linalg.lstsq(A[:, keep], B).solution
+    return float(((B - A[:, keep] @ sol) ** 2).sum())
+
+
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_greedy_objective_is_the_exact_refit_error_after_every_step(block):
+    for seed in range(5):
+        X, H, W = problem(seed, n=12, d=4, tokens=40)
+        _, P, damp = O.damped(H, 0.01)
+        lam = float(damp * torch.diagonal(H).mean())
+        trace: list[float] = []
+        final = O.greedy_remove(W, P, 9, block=block, trace=trace)
+        assert len(trace) == -(-9 // block)
+        for t, E_tracked in enumerate(trace):
+            # greedy is deterministic, so the first t+1 blocks are greedy_remove with fewer channels
+            removed = O.greedy_remove(W, P, min((t + 1) * block, 9), block=block)
+            assert (removed & ~final).sum() == 0  # a prefix of the final removal
+            exact = _brute_refit_error(X, W, lam, removed)
+            assert E_tracked == pytest.approx(exact, rel=1e-8)
+            assert O.objective(W, P, removed) == pytest.approx(exact, rel=1e-8)
+
+
+def test_shrink_toward_the_diagonal():
+    X, H, W = problem(6, n=16, d=4, tokens=60)
+    Hs = O.shrunk(H, 0.3)
+    torch.testing.assert_close(torch.diagonal(Hs), torch.diagonal(H))  # each channel's energy kept
+    off = ~torch.eye(16, dtype=torch.bool)
+    torch.testing.assert_close(Hs[off], 0.7 * H[off])
+    assert O.shrunk(H, 0.0) is H
+    # shrink → 1 makes the greedy cost ‖W_i‖²·H_ii: the channel score's choice
+    res = O.osscar_prune(W.T.float(), H.float(), 8, shrink=1 - 1e-9, percdamp=0.0, local_search_swaps=0)
+    score = torch.topk(O.channel_scores(W, H), 8).indices.sort().values
+    assert torch.equal(res.keep, score)
+    # the steps optimise the shrunk objective, the report gives the plain error ‖XW − X_SŴ_S‖²/‖XW‖²
+    res = O.osscar_prune(W.T.float(), H.float(), 8, shrink=0.3)
+    W_new = torch.zeros_like(W)
+    W_new[res.keep] = res.down.T.double()
+    direct = ((X @ (W - W_new)) ** 2).sum() / ((X @ W) ** 2).sum()
+    assert res.recon_error == pytest.approx(float(direct), rel=1e-4)
+    assert res.errors["local_search"] <= res.errors["greedy"]
+    with pytest.raises(ValueError, match="shrink"):
+        O.osscar_prune(W.T.float(), H.float(), 8, shrink=1.0)
+    with pytest.raises(LLMPruneError, match="shrink"):
+        StructuredOptions(ratio=0.2, shrink=1.0)
+
+
+def test_shrink_regularises_the_refit_on_few_tokens():
+    """Few tokens of correlated channels: the plain fit chases the sample, the shrunk one less."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 48, 8
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5 + torch.eye(n, dtype=torch.float64)
+    W = torch.randn(n, d, generator=g, dtype=torch.float64)
+
+    def draw(tokens):
+        return torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix
+
+    held = draw(20000)
+    Hh = held.T @ held
+    err = {0.0: [], 0.3: []}
+    for _ in range(8):
+        X = draw(64)
+        for shrink in err:
+            res = O.osscar_prune(W.T.float(), (X.T @ X).float(), 32, shrink=shrink)
+            D = W.clone()
+            D[res.keep] -= res.down.T.double()
+            err[shrink].append(float((D * (Hh @ D)).sum() / (W * (Hh @ W)).sum()))
+    assert np.mean(err[0.3]) < np.mean(err[0.0])
+
+
 def test_local_search_never_increases_and_can_strictly_improve():
     improved = []
     for seed in range(40):
@@ -113,7 +190,7 @@ def test_local_search_never_increases_and_can_strictly_improve():
     assert improved  # greedy is not always optimal; the swaps then find better sets
     # and on such a case the whole pipeline reports the drop
     _, H, W = problem(improved[0])
-    res = O.osscar_prune(W.T.float(), H.float(), 4)
+    res = O.osscar_prune(W.T.float(), H.float(), 4, shrink=0.0)  # the same P as above
     assert res.swaps > 0 and res.errors["local_search"] < res.errors["greedy"]
 
 
@@ -142,10 +219,11 @@ def test_dense_target_fits_another_output():
     # another target Y (the dense model's stream): the reported error is ‖Y − X_S Ŵ_S‖² / ‖Y‖²
     Xd = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(9), dtype=X.dtype)
     Y = Xd @ W
-    res = O.osscar_prune(W.T.float(), H.float(), 8, XtY=X.T @ Y, YtY=float((Y * Y).sum()))
+    res = O.osscar_prune(W.T.float(), H.float(), 8, XtY=X.T @ Y, YtY=float((Y * Y).sum()), shrink=0.0)
     direct = ((Y - X[:, res.keep] @ res.down.T.double()) ** 2).sum() / (Y * Y).sum()
     assert res.recon_error == pytest.approx(float(direct), rel=1e-3)
-    # and it fits Y better than the weights fitted to X W do
+    # and it fits Y better than the weights fitted to X W do (in-sample: the plain XᵀX, no shrink)
+    ref = O.osscar_prune(W.T.float(), H.float(), 8, shrink=0.0)
     other = ((Y - X[:, ref.keep] @ ref.down.T.double()) ** 2).sum() / (Y * Y).sum()
     assert res.recon_error < float(other)
 

@@ -199,7 +199,7 @@ def run_osscar(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, option
         res = osscar_prune(down.weight, H, plan.width, greedy=options.greedy,
                            local_search_swaps=options.swaps if options.local_search else 0,
                            refit_down=options.refit, block=options.greedy_block,
-                           candidates=options.candidates, percdamp=options.percdamp, **target)
+                           candidates=options.candidates, percdamp=options.percdamp, shrink=options.shrink, **target)
         del H, target
         removed = sorted(set(range(plan.intermediate)) - set(res.keep.tolist()))
         shrink_mlp(layer, trip, res.keep, res.down)

@@ -17,6 +17,7 @@ from llmprune.options import (
 )
 
 UnitInterval = number(float, lambda v: 0 < v < 1, "in (0, 1)")
+ShrinkShare = number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 class StructuredOptions(Recipe):
@@ -50,6 +51,10 @@ class StructuredOptions(Recipe):
     candidates: PositiveInt = Field(64, description="osscar: kept channels tried per local-search swap")
     percdamp: NonNegativeFloat = Field(0.01, description="osscar: damping of XᵀX, a fraction of its mean "
                                                          "diagonal")
+    shrink: ShrinkShare = Field(0.4, description="osscar: shrink XᵀX toward its diagonal by this share "
+                                                 "before greedy / local search / re-fit (discounts channel "
+                                                 "correlations over-estimated on few calibration tokens; 0 = "
+                                                 "plain XᵀX as in the paper)")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")

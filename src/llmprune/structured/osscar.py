@@ -19,7 +19,10 @@ nothing pruned is exactly the dense layer). The minimiser is the least-squares r
   ``V' = N' W_R'``, ``R' = R ∪ {i}``), from a rank-one border update of N;
 - **re-fit**: solve for ``Ŵ_S`` once more from H' directly (no accumulated rounding).
 
-Without re-fit the kept columns keep their dense values (what the bench compares against).
+Before all three, H is shrunk toward its diagonal (:func:`shrunk`, option ``shrink``): the
+correlations between channels that every step relies on are over-estimated on a few
+calibration documents. Without re-fit the kept columns keep their dense values (what the
+bench compares against).
 Everything runs in float64: the tracked inverses are updated hundreds of times.
 """
 
@@ -85,6 +88,25 @@ def damped(H: torch.Tensor, percdamp: float, max_tries: int = 8) -> tuple[torch.
     raise FloatingPointError(f"XᵀX is not positive definite even with damping {damp / 10:g} x mean diag")
 
 
+def shrunk(H: torch.Tensor, shrink: float) -> torch.Tensor:
+    """``(1 − shrink) H + shrink diag(H)``: XᵀX with its off-diagonal part (the channel
+    correlations) scaled down, each channel's own energy kept.
+
+    Why: greedy, local search and re-fit all lean on the correlations between channels (a
+    removed channel is "explained" by the kept ones). Estimated on a few calibration documents
+    those correlations are too strong, so the selection and the re-fit chase the sample: at
+    32 x 1024 C4 tokens on SmolLM2-135M, greedy + re-fit had a lower calibration error than
+    the channel score + re-fit in every layer but a higher error on held-out text in some.
+    Shrinking toward the diagonal (not toward λI, which would pull every channel to the same
+    scale and the selection toward plain weight magnitude) keeps the per-channel scales and
+    discounts only the correlations; shrink = 1 makes the greedy cost ‖W_i‖²·H_ii, the
+    channel score's.
+    """
+    if shrink == 0:
+        return H
+    return (1 - shrink) * H + shrink * torch.diag(torch.diagonal(H))
+
+
 def _spd_inverse(M: torch.Tensor) -> torch.Tensor:
     """Inverse of a small symmetric positive definite block (Cholesky; LU if rounding broke it)."""
     L, info = torch.linalg.cholesky_ex(M)
@@ -99,18 +121,26 @@ def objective(W: torch.Tensor, P: torch.Tensor, removed: torch.Tensor) -> float:
     return float((W[R] * torch.linalg.solve(P[R][:, R], W[R])).sum())
 
 
-def greedy_remove(W: torch.Tensor, P: torch.Tensor, n_remove: int, block: int = 1) -> torch.Tensor:
+def greedy_remove(W: torch.Tensor, P: torch.Tensor, n_remove: int, block: int = 1,
+                  trace: list[float] | None = None) -> torch.Tensor:
     """Boolean mask of ``n_remove`` channels removed greedily by the OBS cost (OSSCAR's fast
-    prune): after each block, ``Ŵ`` and ``Q = H'_SS⁻¹`` get the block's low-rank update."""
+    prune): after each block, ``Ŵ`` and ``Q = H'_SS⁻¹`` get the block's low-rank update.
+
+    ``trace``: if given, E(R) as the updates track it is appended after each block (the sum of
+    the blocks' exact costs ``tr(Ŵ_Bᵀ (Q_BB)⁻¹ Ŵ_B)``), for checking against a fresh re-fit.
+    """
     removed = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
     Q, Wc = P.clone(), W.clone()  # nothing removed yet: the re-fit is W itself
-    done = 0
+    done, E = 0, 0.0
     while done < n_remove:
         m = min(block, n_remove - done)
         d = torch.diagonal(Q)
         cost = torch.where(removed, torch.inf, (Wc * Wc).sum(1) / torch.where(removed, 1, d))
         idx = torch.topk(cost, m, largest=False).indices
         B = _spd_inverse(Q[idx][:, idx])  # (m, m)
+        if trace is not None:  # the block's joint cost (≥ the sum of its single costs)
+            E += float((Wc[idx] * (B @ Wc[idx])).sum())
+            trace.append(E)
         Qc = Q[:, idx]  # a copy (advanced indexing), so the in-place updates below may overwrite Q
         Wc.addmm_(Qc, B @ Wc[idx], alpha=-1)
         Q.addmm_(Qc, B @ Qc.T, alpha=-1)  # Q is symmetric: Q[idx] = Qcᵀ
@@ -185,16 +215,20 @@ def refit(W: torch.Tensor, Hd: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
 
 def osscar_prune(W_down: torch.Tensor, H: torch.Tensor, width: int, *, greedy: bool = True,
                  local_search_swaps: int = 100, refit_down: bool = True, block: int = 1,
-                 candidates: int = 64, percdamp: float = 0.01, XtY: torch.Tensor | None = None,
-                 YtY: float | None = None) -> OSSCARResult:
+                 candidates: int = 64, percdamp: float = 0.01, shrink: float = 0.4,
+                 XtY: torch.Tensor | None = None, YtY: float | None = None) -> OSSCARResult:
     """Keep ``width`` of the ``I`` input channels of ``W_down (d, I)`` given ``H = XᵀX (I, I)``.
 
     ``greedy=False`` selects by :func:`channel_scores` instead (the baseline);
     ``local_search_swaps=0`` skips the swaps; ``refit_down=False`` keeps the dense columns.
+    ``shrink``: every step works on :func:`shrunk` ``(H, shrink)`` (the reported ``recon_error``
+    uses the plain H).
 
     ``XtY (I, d)`` and ``YtY = ‖Y‖²`` fit another target ``Y`` than ``X W`` (the dense model's
     output of this down_proj, as the reference's ``fullseq``): every step then works on
     ``W* = H'⁻¹(XᵀY + λW)``, since ``‖Y − XŴ‖² + λ‖W − Ŵ‖² = (Ŵ − W*)ᵀH'(Ŵ − W*) + const``.
+    With ``shrink`` XᵀY is shrunk alike, to ``(1 − shrink) XᵀY + shrink diag(H) W``, so that
+    inputs equal to the dense ones still give ``W* = W``.
     """
     d, inter = W_down.shape
     if H.shape != (inter, inter):
@@ -203,14 +237,19 @@ def osscar_prune(W_down: torch.Tensor, H: torch.Tensor, width: int, *, greedy: b
         raise ValueError(f"width must be in [1, {inter}], got {width}")
     if (XtY is None) != (YtY is None):
         raise ValueError("give XtY and YtY together")
+    if not 0 <= shrink < 1:
+        raise ValueError(f"shrink must be in [0, 1), got {shrink}")
     W = W_down.detach().to(DTYPE).T.contiguous()  # (I, d)
     H64 = H.to(DTYPE)
-    Hd, P, damp = damped(H, percdamp)
+    Hd, P, damp = damped(shrunk(H64, shrink), percdamp)
     if XtY is None:
         Wt = W
     else:  # the least-squares target with every channel kept
         lam = damp * torch.diagonal(H64).mean()
-        Wt = P @ (XtY.to(DTYPE) + lam * W)
+        G = XtY.to(DTYPE)
+        if shrink:
+            G = (1 - shrink) * G + shrink * torch.diagonal(H64)[:, None] * W
+        Wt = P @ (G + lam * W)
     errors = {}
     if greedy:
         removed = greedy_remove(Wt, P, inter - width, block)
