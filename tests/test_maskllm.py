@@ -297,7 +297,7 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(api, "attach_masks", boom)
     monkeypatch.setattr(api, "oneshot_prior", boom)
-    monkeypatch.setattr(api, "load_corpus", boom)
+    monkeypatch.setattr(api, "training_stream", boom)
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -335,10 +335,11 @@ def test_bad_prior_dict_names_the_first_bad_key(tokenizer, no_training):
 
 def test_resume_from_another_model_pattern_or_recipe_is_refused(tokenizer, corpus, tmp_path, no_training):
     import llmprune.maskllm.api as api
+    from llmprune.maskllm.stream import training_stream
 
-    api.attach_masks, api.load_corpus = attach_masks, load_corpus  # only this run may work
+    api.attach_masks, api.training_stream = attach_masks, training_stream  # only this run may work
     run(tokenizer, corpus, steps=2, checkpoint_every=1, work_dir=tmp_path / "a")
-    api.attach_masks = api.load_corpus = None  # and nothing after it
+    api.attach_masks = api.training_stream = None  # and nothing after it
     cases = [
         (dict(model=tiny_model(), pattern="1:4"), "written for pattern 2:4, not 1:4"),
         (dict(model=tiny_model(seed=1)), "written for another model"),

@@ -169,7 +169,7 @@ def no_training(monkeypatch):
         raise AssertionError("heavy work started before the input was validated")
 
     monkeypatch.setattr(api, "Trainer", boom)
-    monkeypatch.setattr(api, "load_corpus", boom)
+    monkeypatch.setattr(api, "training_stream", boom)
     monkeypatch.setattr(api.lora, "wrap_lora", boom)
 
 

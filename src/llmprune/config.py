@@ -33,6 +33,25 @@ from llmprune.sparsity.patterns import Target
 NOT_IN_RECIPE = ("out", "overwrite")
 
 
+def parse_yaml(text: str, where: str | Path) -> object:
+    """``yaml.safe_load(text)``; a syntax error is one line naming ``where`` and its line/column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LLMPruneError(f"recipe {where} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+
+
+def read_yaml(path: Path) -> object:
+    """A recipe file's YAML, with one-line errors for unreadable files and syntax errors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LLMPruneError(f"cannot read recipe {path}: {e}") from None
+    return parse_yaml(text, path)
+
+
 def resolve_device(device: str) -> str:
     """``auto`` → ``cuda`` where a GPU is available, else ``cpu``; other names unchanged."""
     if device == "auto":
@@ -184,17 +203,7 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
         if p.is_dir():
             p = p / "recipe.yaml"
         looks_like_file = p.suffix in (".yaml", ".yml") or p.is_file()
-        try:
-            text = p.read_text(encoding="utf-8") if looks_like_file else str(path_or_text)
-        except (OSError, UnicodeDecodeError) as e:
-            raise LLMPruneError(f"cannot read recipe {p}: {e}") from e
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            raise LLMPruneError(f"recipe {p if looks_like_file else '(text)'} is not valid YAML{at}: "
-                                f"{getattr(e, 'problem', e)}") from None
+        data = read_yaml(p) if looks_like_file else parse_yaml(str(path_or_text), "(text)")
         if isinstance(data, dict) and "llmprune" in data:
             data = data["llmprune"]
         if not isinstance(data, dict):

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from llmprune.config import PruneConfig, RunOptions
+from llmprune.config import PruneConfig, RunOptions, read_yaml
 from llmprune.errors import LLMPruneError
 from llmprune.maskllm.job import MaskLLMConfig
 from llmprune.options import Recipe, validated
@@ -189,18 +189,7 @@ def load_recipe(path_or_data: str | Path | dict) -> ChainRecipe:
     """A recipe from a YAML file (or an already read mapping), shape-checked."""
     if isinstance(path_or_data, dict):
         return parse_recipe(path_or_data)
-    p = Path(path_or_data).expanduser()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LLMPruneError(f"cannot read recipe {p}: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise LLMPruneError(f"recipe {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return parse_recipe(data)
+    return parse_recipe(read_yaml(Path(path_or_data).expanduser()))
 
 
 def _with_alias(cls: type[Recipe], options: dict, where: str) -> dict:

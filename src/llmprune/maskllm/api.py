@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune.data.sources import Corpus, check_available, load_corpus
+from llmprune.data.sources import Corpus
 from llmprune.errors import LLMPruneError
 from llmprune.maskllm.candidates import parse_nm
 from llmprune.maskllm.gumbel import NoiseSource, attach_masks, check_divisible, detach_masks
 from llmprune.maskllm.memory import check_train_memory
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.maskllm.prior import apply_prior, check_prior, masked_shapes, oneshot_prior
-from llmprune.maskllm.stream import PackedStream
+from llmprune.maskllm.stream import training_stream
 from llmprune.maskllm.task import MaskLLMTask, model_fingerprint
 from llmprune.maskllm.trainer import Trainer, check_resume
 from llmprune.models.layers import context_length
@@ -78,10 +78,7 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
     opts = validated(MaskLLMOptions, {**(options.model_dump() if options else {}), **overrides})
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     n, m, ckpt = validate(model, opts, prior, resume, acc.num_processes)
-    if corpus is None:
-        check_available(opts.train_data, "train")
-        corpus = load_corpus(opts.train_data, "train")
-    stream = PackedStream(corpus, tokenizer, opts.seqlen, opts.seed)
+    stream, corpus = training_stream(opts.train_data, tokenizer, opts.seqlen, opts.seed, corpus)
     fingerprint = model_fingerprint(model, opts.pattern)
 
     prior_name = prior if isinstance(prior, str) or prior is None else "masks"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmprune.data.sources import Corpus
+from llmprune.data.sources import Corpus, check_available, load_corpus
 from llmprune.errors import LLMPruneError
 
 
@@ -98,3 +98,13 @@ class PackedStream:
     def next_batch(self, n: int) -> torch.Tensor:
         """``(n, seqlen)`` consecutive windows."""
         return torch.stack([self.next_window() for _ in range(n)])
+
+
+def training_stream(train_data: str, tokenizer, seqlen: int, seed: int,
+                    corpus: Corpus | None = None) -> tuple[PackedStream, Corpus]:
+    """The packed stream a training job reads: ``corpus`` if given (e.g. already read by a
+    benchmark), else ``train_data`` (c4 | wikitext2 | a file) read now."""
+    if corpus is None:
+        check_available(train_data, "train")
+        corpus = load_corpus(train_data, "train")
+    return PackedStream(corpus, tokenizer, seqlen, seed), corpus

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune.data.sources import Corpus, check_available, load_corpus
+from llmprune.data.sources import Corpus
 from llmprune.errors import LLMPruneError
 from llmprune.maskllm.gumbel import masked_linears
-from llmprune.maskllm.stream import PackedStream
+from llmprune.maskllm.stream import training_stream
 from llmprune.maskllm.trainer import Trainer, check_resume
 from llmprune.masks import MaskSet
 from llmprune.models.layers import context_length
@@ -106,10 +106,7 @@ def recover(model: nn.Module, tokenizer, options: RecoverOptions | None = None, 
     opts = validated(RecoverOptions, {**(options.model_dump() if options else {}), **overrides})
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     keep, targets, ckpt = validate(model, opts, masks, resume, acc.num_processes)
-    if corpus is None:
-        check_available(opts.train_data, "train")
-        corpus = load_corpus(opts.train_data, "train")
-    stream = PackedStream(corpus, tokenizer, opts.seqlen, opts.seed)
+    stream, corpus = training_stream(opts.train_data, tokenizer, opts.seqlen, opts.seed, corpus)
     if masks is not None:
         MaskSet({n: keep[n] for n in masks}).apply(model)  # the given pattern, before the fingerprint
     fingerprint = recover_fingerprint(model, keep, opts.mode)
