@@ -45,6 +45,13 @@ def test_recipe_must_be_a_mapping(tmp_path):
         PruneConfig.from_yaml(tmp_path / "missing.yaml")
 
 
+def test_chained_recipe_given_to_prune_points_to_run(tmp_path):
+    p = tmp_path / "chain.yaml"
+    p.write_text("model: smollm2-135m\nstages:\n  - prune: {method: wanda}\n")
+    with pytest.raises(LLMPruneError, match="chained recipe; run it with `llmprune run"):
+        PruneConfig.from_yaml(p)
+
+
 def test_ppl_string_is_a_list_not_letters():
     assert PruneConfig.from_yaml("{sparsity: 0.5, ppl: wikitext2}").ppl == ["wikitext2"]
     assert PruneConfig(sparsity=0.5, ppl="wikitext2,c4").ppl == ["wikitext2", "c4"]

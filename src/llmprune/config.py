@@ -208,6 +208,9 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
             data = data["llmprune"]
         if not isinstance(data, dict):
             raise LLMPruneError(f"recipe {p} must be a YAML mapping of option: value")
+        if "stages" in data:
+            raise LLMPruneError(f"recipe {p} lists stages: it is a chained recipe; run it with "
+                                f"`llmprune run {p} --out DIR`")
         return data
 
     @classmethod
