@@ -197,8 +197,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(summary(report))
-        print()
-        print(layer_table(report))
+        if report.get("kind") != "chain":  # a chain's layers are in its stages' own reports
+            print()
+            print(layer_table(report))
     return 0
 
 
