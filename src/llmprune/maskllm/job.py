@@ -25,6 +25,7 @@ from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import save_pruned
 from llmprune.maskllm.api import ONESHOT_PRIORS, maskllm
 from llmprune.maskllm.options import MaskLLMOptions
+from llmprune.maskllm.trainer import checkpoint_dir
 from llmprune.masks import MaskSet
 from llmprune.options import PositiveInt
 from llmprune.pipeline import (
@@ -52,10 +53,6 @@ class MaskLLMConfig(RunOptions, MaskLLMOptions):
                                                          "(drawn from --train-data, --seqlen tokens)")
     resume: str | None = Field(None, description="continue an interrupted run from its checkpoint "
                                                  "directory (OUT.ckpt)")
-
-
-def checkpoint_dir(out: str | None) -> Path | None:
-    return Path(f"{Path(out).expanduser().resolve()}.ckpt") if out else None
 
 
 def validate(job: Job) -> None:

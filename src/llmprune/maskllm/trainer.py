@@ -103,6 +103,11 @@ class TrainTask(Protocol):
     #                                mask to weights that AdamW's decay or moments could move
 
 
+def checkpoint_dir(out: str | None) -> Path | None:
+    """Where a training job writing to ``out`` keeps its checkpoints (``OUT.ckpt``, beside it)."""
+    return Path(f"{Path(out).expanduser().resolve()}.ckpt") if out else None
+
+
 def micro_seed(seed: int, step: int, j: int) -> int:
     """A 63-bit seed for global micro-batch ``j`` of ``step``."""
     digest = hashlib.sha256(f"{seed}:{step}:{j}".encode()).digest()

@@ -26,6 +26,7 @@ from llmprune.data.sources import load_corpus
 from llmprune.errors import LLMPruneError
 from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import REPORT_FILE, save_pruned
+from llmprune.maskllm.trainer import checkpoint_dir
 from llmprune.masks import MaskSet
 from llmprune.pipeline import (
     Job,
@@ -53,10 +54,6 @@ class RecoverConfig(RunOptions, RecoverOptions):
                                                 "model's zeros; applied before training")
     resume: str | None = Field(None, description="continue an interrupted run from its checkpoint "
                                                  "directory (OUT.ckpt)")
-
-
-def checkpoint_dir(out: str | None) -> Path | None:
-    return Path(f"{Path(out).expanduser().resolve()}.ckpt") if out else None
 
 
 def input_report(model: str) -> dict | None:
