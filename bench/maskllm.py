@@ -10,7 +10,8 @@ copy of the dense weights and evaluated (WikiText-2 test, 1024-token windows, fi
 project's protocol), then training resumes from the run's checkpoint (bit-identical to an
 uninterrupted run). One-shot 2:4 baselines are measured here with the same calibration windows
 (``--oneshot``), or adopted from bench/out/admm.json when that protocol matches.
-Results go to bench/out/maskllm.json (resumable: finished chunks are kept) and maskllm.md,
+Results go to bench/out/maskllm.json (resumable: finished chunks are kept) and maskllm.md, each run's latest
+hard mask to <work>/<run>/masks.npz (MaskLLM's layout: the prior of bench/recover.py --maskllm-masks),
 plus a PPL-vs-tokens plot, docs/img/maskllm.png with ``--plot``::
 
     LLMPRUNE_DATA_DIR=/work/shared/data PYTHONPATH=src python bench/maskllm.py
@@ -41,6 +42,7 @@ from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.maskllm import MaskLLMOptions, maskllm  # noqa: E402
+from llmprune.masks import MaskSet  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 sys.path.insert(0, str(OUT.parent))
@@ -222,6 +224,7 @@ def main() -> None:
                      / res.report["train_seconds"], "chunk_s": dt,
                      "ce": (res.report["final"] or {}).get("ce")}
             run["points"].append(point)
+            run["masks"] = str(MaskSet({n: m.cpu() for n, m in res.masks.items()}).save(work / "masks.npz"))  # the hard mask so far (MaskLLM layout)
             done = until
             print(f"{name} step {until}: PPL {point['ppl']:.2f} ({tokens} tokens, "
                   f"{point['tokens_per_s']:.0f} tok/s)", flush=True)
