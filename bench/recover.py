@@ -4,7 +4,8 @@ of the gap to dense that recovery closes and a check that the 2:4 pattern surviv
 
 Sources (``--sources``): ``sparsegpt`` (one-shot SparseGPT 2:4 with its weight update, on the
 one-shot table's 32 × 1024 C4 windows) and ``maskllm`` (a learned MaskLLM mask file given with
-``--maskllm-masks``, applied to the dense weights). Results: bench/out/recover.json and .md::
+``--maskllm-masks``, applied to the dense weights). Results: bench/out/recover.json and .md; a run
+replaces only the rows (source × mode) it measures, and each row records its learning rate::
 
     LLMPRUNE_DATA_DIR=/work/shared/data PYTHONPATH=src python bench/recover.py
 
@@ -66,11 +67,16 @@ def is_2_4(model) -> bool:
 
 
 def cell(x: dict) -> str:
-    return f"{x['ppl']:.2f} ({x['gap_closed']:.0%})" if x else "-"
+    return f"{x['ppl']:.2f} ({x['gap_closed']:.0%}, LR {x['lr']:g})" if x else "-"
 
 
 def gap_closed(after: float, before: float, dense: float) -> float:
     return (before - after) / (before - dense)
+
+
+def save(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
 
 
 def main() -> None:
@@ -84,10 +90,11 @@ def main() -> None:
     def ppl() -> float:
         return perplexity(model, test_ids, args.ppl_seqlen, args.max_windows, progress=False)["ppl"]
 
-    result = {"protocol": {k: v for k, v in vars(args).items() if k != "out"},
-              "threads": torch.get_num_threads(), "versions": {"torch": torch.__version__,
-                                                               "python": platform.python_version()},
-              "dense": ppl(), "sources": {}}
+    # Rows of earlier runs (other sources, modes or learning rates) are kept; each row says its LR.
+    result = json.loads(out.read_text()) if out.is_file() else {"sources": {}}
+    result.update(protocol={k: v for k, v in vars(args).items() if k != "out"},
+                  threads=torch.get_num_threads(),
+                  versions={"torch": torch.__version__, "python": platform.python_version()}, dense=ppl())
     print(f"dense PPL {result['dense']:.2f}", flush=True)
     for source in args.sources.split(","):
         model.load_state_dict(dense)
@@ -103,7 +110,7 @@ def main() -> None:
             sys.exit(f"unknown source {source!r}")
         pruned = {k: v.clone() for k, v in model.state_dict().items()}
         before = ppl()
-        rows = {"before": before, "is_2_4": is_2_4(model)}
+        rows = {**result["sources"].get(source, {}), "before": before, "is_2_4": is_2_4(model)}
         print(f"{source} 2:4: PPL {before:.2f}", flush=True)
         for mode in args.modes.split(","):
             model.load_state_dict(pruned)
@@ -127,11 +134,12 @@ def main() -> None:
             row["is_2_4"] = is_2_4(model)
             row["gap_closed"] = gap_closed(row["ppl"], before, result["dense"])
             rows[mode] = row
+            result["sources"][source] = rows
+            save(out, result)
             print(f"{source} + {mode}: PPL {row['ppl']:.2f} (gap closed {row['gap_closed']:.2f}, "
                   f"2:4 kept: {row['is_2_4']}, {row['tokens_per_s']:.0f} tok/s)", flush=True)
         result["sources"][source] = rows
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        save(out, result)
     lines = ["| source | before | masked FT | LoRA merged (no re-mask) | LoRA merged + re-masked |",
              "|---|---:|---:|---:|---:|"]
     for source, r in result["sources"].items():
