@@ -31,7 +31,46 @@ def recover_fingerprint(model: nn.Module, masks: Mapping[str, torch.Tensor], mod
             "mask": digest(json.dumps(kept).encode())}
 
 
-class MaskedFinetuneTask:
+class _RecoveryTask:
+    """What both recovery tasks share: one parameter group ``trained``, no schedules, no extra
+    loss, and checkpoints that hold the trained tensors."""
+
+    name = "recover"
+    group = "trained"
+
+    def __init__(self, model: nn.Module, trained: dict[str, torch.Tensor], fingerprint: dict) -> None:
+        self.model = model
+        self.trained = trained
+        self._fingerprint = fingerprint
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"name": self.group, "params": list(self.trained.values()), "lr": lr}]
+
+    def before_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def before_micro_batch(self, seed: int) -> None:
+        pass
+
+    def extra_loss(self) -> tuple[torch.Tensor | None, dict[str, float]]:
+        return None, {}
+
+    def log_stats(self) -> dict[str, float]:
+        return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach() for n, t in self.trained.items()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for n, t in self.trained.items():
+            t.copy_(tensors[n])
+
+    def fingerprint(self) -> dict:
+        return self._fingerprint
+
+
+class MaskedFinetuneTask(_RecoveryTask):
     """Train every masked decoder linear's kept weights; the pruned ones stay exactly zero.
 
     Two guards, because either alone has a gap: a gradient hook zeroes the pruned entries'
@@ -40,103 +79,51 @@ class MaskedFinetuneTask:
     start, or a fused kernel's rounding, can never leak through).
     """
 
-    name = "recover masked"
+    name, group = "recover masked", "weights"
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], fingerprint: dict) -> None:
-        self.model = model
         lins = masked_linears(model)
-        self.weights = {n: lins[n.removesuffix(".weight")].weight for n in masks}
+        super().__init__(model, {n: lins[n.removesuffix(".weight")].weight for n in masks}, fingerprint)
         self.pruned = {n: ~m.to(torch.bool) for n, m in masks.items()}  # one byte per weight
-        self._fingerprint = fingerprint
         self._hooks: list = []
-
-    def param_groups(self, lr: float) -> list[dict]:
-        return [{"name": "weights", "params": list(self.weights.values()), "lr": lr}]
 
     def set_training(self, training: bool) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
         if training:
-            for n, w in self.weights.items():
+            for n, w in self.trained.items():
                 # the trainer places the model (accelerate's prepare) after the task is built:
                 # the masks follow the weights here, once
                 pruned = self.pruned[n] = self.pruned[n].to(w.device)
                 self._hooks.append(w.register_hook(lambda g, pruned=pruned: g.masked_fill(pruned, 0)))
 
-    def before_step(self, step: int) -> dict[str, float]:
-        return {}
-
-    def before_micro_batch(self, seed: int) -> None:
-        pass  # no noise: the trainer runs the model without dropout
-
-    def extra_loss(self) -> tuple[torch.Tensor | None, dict[str, float]]:
-        return None, {}
-
-    def log_stats(self) -> dict[str, float]:
-        return {}
-
     @torch.no_grad()
     def after_step(self) -> None:
-        for n, w in self.weights.items():
+        for n, w in self.trained.items():
             w.masked_fill_(self.pruned[n], 0)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: w.detach() for n, w in self.weights.items()}
 
-    @torch.no_grad()
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for n, w in self.weights.items():
-            w.copy_(tensors[n])
-
-    def fingerprint(self) -> dict:
-        return self._fingerprint
-
-
-class LoraTask:
+class LoraTask(_RecoveryTask):
     """Train the LoRA matrices of a ``peft`` model; the sparse base weights stay frozen."""
 
-    name = "recover lora"
+    name, group = "recover lora", "lora"
 
     def __init__(self, peft_model: nn.Module, dropout: float, fingerprint: dict) -> None:
-        self.model = peft_model
-        self.params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad}
+        super().__init__(peft_model, {n: p for n, p in peft_model.named_parameters()
+                                      if "lora_" in n and p.requires_grad}, fingerprint)
         # peft's dropout modules: the trainer puts the whole model in eval mode (MaskLLM trains
         # without dropout), so the adapter's dropout is switched on here
         self.dropouts = [m for n, m in peft_model.named_modules()
                          if n.split(".")[-2:-1] == ["lora_dropout"] and isinstance(m, nn.Dropout)]
         self.dropout = dropout
-        self._fingerprint = fingerprint
-
-    def param_groups(self, lr: float) -> list[dict]:
-        return [{"name": "lora", "params": list(self.params.values()), "lr": lr}]
 
     def set_training(self, training: bool) -> None:
         for m in self.dropouts:
             m.train(training)
-
-    def before_step(self, step: int) -> dict[str, float]:
-        return {}
 
     def before_micro_batch(self, seed: int) -> None:
         if self.dropout > 0:
             # dropout draws from the global generator: seed it per micro-batch so that a resumed
             # or multi-process run draws what the uninterrupted single-process one does
             torch.manual_seed(seed)
-
-    def extra_loss(self) -> tuple[torch.Tensor | None, dict[str, float]]:
-        return None, {}
-
-    def log_stats(self) -> dict[str, float]:
-        return {}
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.params.items()}
-
-    @torch.no_grad()
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for n, p in self.params.items():
-            p.copy_(tensors[n])
-
-    def fingerprint(self) -> dict:
-        return self._fingerprint
