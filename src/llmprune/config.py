@@ -110,6 +110,10 @@ class JobConfig(RunOptions):
     allocation: _one_of("allocation", ALLOCATIONS) = Field("uniform", description=f"layer-wise sparsity: {' | '.join(ALLOCATIONS)}")
     recon_error: bool = Field(False, strict=True, description="report each linear's reconstruction "
                                                               "error ‖WX−ŴX‖²/‖WX‖² (collects XᵀX)")
+    true_sequential: bool = Field(False, strict=True, description="one forward per layer: each linear is "
+                                  "pruned once every calibration row reached it, so o_proj / down_proj "
+                                  "see the pruned q/k/v / gate/up (faster; other results than the exact "
+                                  "two-pass default)")
 
     @field_validator("sparsity", mode="before")
     @classmethod

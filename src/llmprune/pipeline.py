@@ -262,7 +262,8 @@ def plan(job: Job) -> None:
     solver = SOLVERS[config.solver or method.default_solver]
     job.plan = LayerPlan(config.method, job.targets, config.solver,
                          options=config.options_for(method.options, solver.options),
-                         allocator=job.allocator, recon_error=config.recon_error)
+                         allocator=job.allocator, recon_error=config.recon_error,
+                         true_sequential=config.true_sequential)
 
 
 def run(job: Job) -> None:

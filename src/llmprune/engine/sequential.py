@@ -3,6 +3,8 @@
 For each layer: run the calibration inputs through it with hooks that gather the statistics
 the method needs (on the *dense* layer, as SparseGPT and Wanda do), prune every linear, then
 run the inputs again through the *pruned* layer; those outputs are the next layer's inputs.
+With ``true_sequential`` the two forwards become one (:mod:`~llmprune.engine.onepass`): each
+linear is pruned as soon as every row reached it, so later linears see earlier pruned ones.
 
 Allocation slot: when the per-layer targets depend on every layer (OWL), the plan carries an
 *allocator* instead of fixed targets. Before the first layer is pruned the engine makes one
@@ -19,6 +21,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 
 from llmprune.engine.capture import capture_inputs, layer_output
 from llmprune.engine.memory import return_big_frees_to_os
+from llmprune.engine.onepass import prune_in_one_pass
 from llmprune.engine.stats import LayerStats
 from llmprune.models.adapter import per_expert_linears, routed_linears
 from llmprune.models.layers import decoder_layers, linear_layers
@@ -51,6 +55,7 @@ class LayerPlan:
     options: OptionSet = field(default_factory=dict)  # typed options by owner; missing = defaults
     allocator: Allocator | None = None
     recon_error: bool = False  # collect XᵀX even if the method needs none, to report the error
+    true_sequential: bool = False  # one forward per layer, later linears see pruned earlier ones
 
 
 # Calibration rows run through a layer together: batches of 8 x 1024 tokens make the CPU
@@ -105,32 +110,41 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
                      "calibration_tokens": 0, "scored_by": UNROUTED}
         W.copy_(W_new.to(W.dtype))
     for leader, names in groups.items():
-        Ws = [linears[n].weight for n in names]
-        for n, W in zip(names, Ws, strict=True):
-            target.check_shape(W.shape[1], n)
-        group_stats = stats.get(leader) if stats else {}
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", NumericalWarning)
-            results = prune_weight(plan.method, Ws, group_stats, target, solver=plan.solver,
-                                   options=plan.options)
-        dt = time.perf_counter() - t0
-        notes = [w.message for w in caught if isinstance(w.message, NumericalWarning)]
-        for note in notes:  # e.g. a singular XᵀX solved with more damping: say so, and record it
-            tqdm.write(f"warning: {', '.join(names)}: {note}", file=sys.stderr)
-        for n, W, (W_new, keep) in zip(names, Ws, results, strict=True):
-            if not torch.isfinite(W_new).all():
-                raise FloatingPointError(f"{n}: pruning produced non-finite weights")
-            W_new = W_new.to(W.dtype)
-            report[n] = {"shape": list(W.shape), "sparsity": 1 - keep.float().mean().item(),
-                         "seconds": dt / len(names), "shared_input_with": leader if leader != n else None}
-            for note in notes:
-                report[n].update(note.record)
-            if n in routed and stats is not None:  # how much of the calibration data this expert saw
-                report[n]["calibration_tokens"] = stats.tokens[leader]
-            if "xtx" in group_stats:  # the weights as stored, before they overwrite the dense W
-                report[n]["recon_error"] = relative_recon_error(W, W_new, group_stats["xtx"])
-            W.copy_(W_new)
+        report.update(prune_group(linears, names, leader, plan, target, stats, routed))
+    return report
+
+
+@torch.no_grad()
+def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, plan: LayerPlan, target: Target,
+                stats: LayerStats | None, routed: set[str] = frozenset()) -> dict:
+    """Prune the linears ``names`` that read the input of ``leader``, in place, with that
+    input's statistics; returns their report entries."""
+    Ws = [linears[n].weight for n in names]
+    for n, W in zip(names, Ws, strict=True):
+        target.check_shape(W.shape[1], n)
+    group_stats = stats.get(leader) if stats else {}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NumericalWarning)
+        results = prune_weight(plan.method, Ws, group_stats, target, solver=plan.solver, options=plan.options)
+    dt = time.perf_counter() - t0
+    notes = [w.message for w in caught if isinstance(w.message, NumericalWarning)]
+    for note in notes:  # e.g. a singular XᵀX solved with more damping: say so, and record it
+        tqdm.write(f"warning: {', '.join(names)}: {note}", file=sys.stderr)
+    report = {}
+    for n, W, (W_new, keep) in zip(names, Ws, results, strict=True):
+        if not torch.isfinite(W_new).all():
+            raise FloatingPointError(f"{n}: pruning produced non-finite weights")
+        W_new = W_new.to(W.dtype)
+        report[n] = {"shape": list(W.shape), "sparsity": 1 - keep.float().mean().item(),
+                     "seconds": dt / len(names), "shared_input_with": leader if leader != n else None}
+        for note in notes:
+            report[n].update(note.record)
+        if n in routed and stats is not None:  # how much of the calibration data this expert saw
+            report[n]["calibration_tokens"] = stats.tokens[leader]
+        if "xtx" in group_stats:  # the weights as stored, before they overwrite the dense W
+            report[n]["recon_error"] = relative_recon_error(W, W_new, group_stats["xtx"])
+        W.copy_(W_new)
     return report
 
 
@@ -197,6 +211,21 @@ class LayerWalk:
         self._propagated = propagate
         return stats
 
+    def one_pass(self, layer: nn.Module, needs: frozenset[str],
+                 prune: Callable[[str, LayerStats], None]) -> None:
+        """Gather ``needs`` and prune each linear (``prune(name, stats)``) as soon as every row
+        reached it, in the forward that also feeds the next layer (see :mod:`~llmprune.engine.onepass`)."""
+        if self.inps is None:
+            raise ValueError("statistics need calibration ids")
+        linears = linear_layers(layer)
+        stats = LayerStats(linears, needs)
+        try:
+            prune_in_one_pass(layer, linears, self.inps, self.layer_kwargs[self._index], stats,
+                              lambda name: prune(name, stats), BATCH_SIZE)
+        finally:
+            stats.remove()
+        self._propagated = True
+
 
 @torch.no_grad()
 def measure_layers(model: nn.Module, ids: torch.Tensor, allocator: Allocator,
@@ -247,10 +276,20 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
     walk = LayerWalk(model, ids if needs else None, device, f"prune {plan.method}", progress)
     report = []
     for i, layer in walk:
-        stats = walk.collect(layer, needs) if needs else None
+        one_pass = plan.true_sequential and bool(needs) and not routed_linears(layer)
+        if one_pass:
+            linears, pruned = linear_layers(layer), {}
+
+            def prune(name: str, stats: LayerStats, linears=linears, pruned=pruned, target=targets[i]) -> None:
+                pruned.update(prune_group(linears, [name], stats.owner[name], plan, target, stats))
+
+            walk.one_pass(layer, needs, prune)
+        else:  # exact: dense statistics of every linear, then prune; the walk propagates after
+            stats = walk.collect(layer, needs) if needs else None
+            pruned = prune_layer(layer, plan, targets[i], stats)
+            del stats  # XᵀX can be large: free it before the walk propagates through the layer
         entry = {"index": i, "target": str(targets[i]), "target_sparsity": targets[i].sparsity,
-                 "linears": prune_layer(layer, plan, targets[i], stats)}
-        del stats  # XᵀX can be large: free it before the walk propagates through the layer
+                 "true_sequential": one_pass, "linears": pruned}
         if measures is not None:
             entry[plan.allocator.measure_name] = measures[i]
             entry["allocation_seconds"] = measure_s[i]
