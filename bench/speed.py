@@ -17,6 +17,9 @@ on the bundled SmolLM2-135M:
   (statistics forward, prune, propagation), op self-time grouped into forward matmuls,
   attention, elementwise, XᵀX/Σx² (the statistics hooks), solve (Cholesky / inverse /
   triangular), the method's other work (mask selection, weight updates) and copies.
+- **modes** (``--modes exact,true-sequential``): the exact two-pass engine (default) and the
+  one-forward true-sequential one (``--true-sequential``), whose masks differ: ``--ppl`` adds
+  each run's WikiText-2 PPL so the table shows what the speed costs (or gains).
 - **llm-compressor**'s time and peak RSS where it has the method, when its venv
   ``.venv-bench`` exists (as ``bench/oneshot.py`` sets it up); skipped otherwise, and with
   ``--layers`` (it would prune the whole model).
@@ -53,9 +56,12 @@ from torch import nn  # noqa: E402
 
 import llmprune  # noqa: E402
 import llmprune.engine.sequential as seq  # noqa: E402
+from llmprune.data.sources import load_corpus  # noqa: E402
+from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.engine.capture import capture_inputs  # noqa: E402
 from llmprune.engine.memory import return_big_frees_to_os  # noqa: E402
 from llmprune.engine.stats import LayerStats  # noqa: E402
+from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.eval.sparsity import measure_sparsity  # noqa: E402
 from llmprune.models.adapter import per_expert_linears  # noqa: E402
 from llmprune.models.layers import decoder_layers, linear_layers  # noqa: E402
@@ -70,6 +76,7 @@ sys.path.insert(0, str(HERE))
 from admm import calibration_ids  # noqa: E402
 
 METHODS = "magnitude,wanda,sparsegpt,admm-grad"
+MODES = ("exact", "true-sequential")
 SETTINGS = "0.5,2:4"
 LLMC_METHODS = {"magnitude", "wanda", "sparsegpt"}
 CATEGORIES = ("forward matmuls", "attention", "elementwise", "statistics (XᵀX / Σx²)",
@@ -331,11 +338,12 @@ def markdown(result: dict) -> str:
     lines = [
         f"{c['model']}{' (first ' + str(c['layers']) + ' layers)' if c['layers'] else ''}, calibration "
         f"{c['nsamples']}×{c['seqlen']} C4 seed {c['seed']}, {result['device']}. Floor = one forward of "
-        "the calibration tokens through the decoder layers + the statistics the method needs.",
+        "the calibration tokens through the decoder layers + the statistics the method needs."
+        + (f" Dense WikiText-2 PPL {result['dense_ppl']:.2f}." if "dense_ppl" in result else ""),
         "",
-        "| method | target | floor s (fwd + stats) | ours s | ours / floor | peak RSS MiB (+ over start) | "
-        "llm-compressor s | its peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| method | target | mode | floor s (fwd + stats) | ours s | ours / floor | peak RSS MiB (+ over start) | "
+        "WikiText-2 PPL | llm-compressor s | its peak RSS MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
         f = result["floor"][r["needs"]]
@@ -343,9 +351,11 @@ def markdown(result: dict) -> str:
         lc_cells = ([f"n/a ({lc['error'][:30]})", ""] if "error" in lc else
                     [f"{lc['prune_seconds']:.1f}", f"{lc['peak_rss_mb']:.0f}"] if lc else
                     [r.get("llmcompressor_skipped", ""), ""])
-        lines.append(f"| {r['method']} | {r['setting']} | {f['total_s']:.1f} ({f['forward_s']:.1f} + "
-                     f"{f['stats_s']:.1f}) | {r['prune_s']:.1f} | {r['ratio']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}) | " + " | ".join(lc_cells) + " |")
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
+        lines.append(f"| {r['method']} | {r['setting']} | {r.get('mode', 'exact')} | {f['total_s']:.1f} "
+                     f"({f['forward_s']:.1f} + {f['stats_s']:.1f}) | {r['prune_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}) | {ppl} | "
+                     + " | ".join(lc_cells) + " |")
     lines += ["", f"Profile of layer {c['profile_layer']} (seconds of op self time by category):", "",
               "| method | target | wall s | " + " | ".join(CATEGORIES) + " |",
               "|---|---|---:|" + "---:|" * len(CATEGORIES)]
@@ -369,6 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-layer", type=int, default=0, help="decoder layer to profile")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--no-llmcompressor", dest="llmc", action="store_false")
+    p.add_argument("--modes", default="exact", help="exact (dense statistics, two forwards a layer) and/or "
+                   "true-sequential (one forward; later linears see the pruned earlier ones)")
+    p.add_argument("--ppl", action="store_true", help="WikiText-2 test PPL of every run (1024, first 40 windows)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=str(OUT / "speed"), help="writes OUT.json and OUT.md")
@@ -376,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.methods.split(",")) - set(METHODS.split(","))
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    if set(args.modes.split(",")) - set(MODES):
+        p.error(f"--modes: choose from {', '.join(MODES)}")
     return args
 
 
@@ -407,8 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     if llmc_skip:
         print(f"llm-compressor: skipped ({llmc_skip})", flush=True)
 
-    plans = [(m, s) for m in args.methods.split(",") for s in args.settings.split(",") if s.strip()]
-    for method, _ in plans:  # one floor pass per kind of statistics
+    plans = [(m, s, mode) for m in args.methods.split(",") for s in args.settings.split(",") if s.strip()
+             for mode in args.modes.split(",") if mode != "true-sequential" or required_stats(m, None)]
+    test_ids = eval_token_stream(load_corpus("wikitext2", "test"), tok, 1024) if args.ppl else None
+    if args.ppl:
+        result["dense_ppl"] = perplexity(model, test_ids, 1024, 40, progress=False)["ppl"]
+    for method, _, _ in plans:  # one floor pass per kind of statistics
         needs = required_stats(method, None)
         key = ",".join(sorted(needs)) or "none"
         if key not in result["floor"]:
@@ -417,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             result["floor"][key] = f
             print(f"floor [{key}]: forward {f['forward_s']:.1f}s + statistics {f['stats_s']:.1f}s", flush=True)
 
-    for method, setting in plans:
+    for method, setting, mode in plans:
         target = parse_setting(setting)
-        plan = seq.LayerPlan(method, [target] * n_layers)
+        plan = seq.LayerPlan(method, [target] * n_layers, true_sequential=mode == "true-sequential")
         needs = ",".join(sorted(required_stats(method, None))) or "none"
         model.load_state_dict(dense)
         start_rss = _status("VmRSS") or 0.0
@@ -429,24 +448,26 @@ def main(argv: list[str] | None = None) -> int:
         seq.run_sequential(model, ids, plan, device, progress=False)
         sync(device)
         prune_s = time.perf_counter() - t0
-        run = {"method": method, "setting": setting, "needs": needs, "prune_s": prune_s,
+        run = {"method": method, "setting": setting, "mode": mode, "needs": needs, "prune_s": prune_s,
                "ratio": prune_s / result["floor"][needs]["total_s"], "peak_rss_mb": peak_rss_mb(),
                "rss_before_mb": start_rss, "sparsity": measure_sparsity(model)["overall"]}
+        if args.ppl:
+            run["ppl"] = perplexity(model, test_ids, 1024, 40, progress=False)["ppl"]
         model.load_state_dict(dense)
-        if args.profile:
+        if args.profile and mode == "exact":  # the profile cuts the exact mode's passes apart
             run["profile"] = profile_layer(model, ids, plan, args.profile_layer, device)
         if llmc_skip:
             run["llmcompressor_skipped"] = llmc_skip
-        elif method in LLMC_METHODS:
+        elif method in LLMC_METHODS and mode == "exact":
             run["llmcompressor"] = llmcompressor(method, setting, ids, out.parent)
         result["runs"].append(run)
-        print(f"{method:>10} {setting:>4}: {prune_s:7.1f}s  ({run['ratio']:.2f}× floor)  "
-              f"peak RSS {run['peak_rss_mb']:.0f} MiB", flush=True)
+        print(f"{method:>10} {setting:>4} {mode:>15}: {prune_s:7.1f}s  ({run['ratio']:.2f}× floor)  "
+              f"peak RSS {run['peak_rss_mb']:.0f} MiB" + (f"  PPL {run['ppl']:.2f}" if args.ppl else ""), flush=True)
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     out.with_suffix(".md").write_text(table)
-    print(json.dumps([{k: r[k] for k in ("method", "setting", "prune_s", "ratio", "peak_rss_mb")}
+    print(json.dumps([{k: r.get(k) for k in ("method", "setting", "mode", "prune_s", "ratio", "peak_rss_mb", "ppl")}
                       | {"profile": r.get("profile", {}).get("by_category_s")} for r in result["runs"]], indent=2))
     print()
     print(table)
