@@ -92,9 +92,11 @@ def main() -> None:
 
     # Rows of earlier runs (other sources, modes or learning rates) are kept; each row says its LR.
     result = json.loads(out.read_text()) if out.is_file() else {"sources": {}}
+    same_eval = all(result.get("protocol", {}).get(k) == getattr(args, k) for k in ("ppl_seqlen", "max_windows"))
     result.update(protocol={k: v for k, v in vars(args).items() if k != "out"},
                   threads=torch.get_num_threads(),
-                  versions={"torch": torch.__version__, "python": platform.python_version()}, dense=ppl())
+                  versions={"torch": torch.__version__, "python": platform.python_version()},
+                  dense=result["dense"] if same_eval and "dense" in result else ppl())
     print(f"dense PPL {result['dense']:.2f}", flush=True)
     for source in args.sources.split(","):
         model.load_state_dict(dense)
