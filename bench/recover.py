@@ -121,7 +121,7 @@ def main() -> None:
             res = recover(model, tok, mode=mode, steps=args.steps, seqlen=args.seqlen,
                           batch_size=args.batch_size, checkpoint_every=0, log_every=10, corpus=corpus,
                           finish=False, progress=False, **({"lr": lr} if lr else {}))
-            row = {"train_s": time.perf_counter() - t0, "tokens": res.report["tokens"],
+            row = {"steps": args.steps, "train_s": time.perf_counter() - t0, "tokens": res.report["tokens"],
                    "tokens_per_s": res.report["tokens"] / res.report["train_seconds"],
                    "lr": res.report["options"]["lr"], "peak_rss_mb": res.report["peak_rss_mb"]}
             if mode == "lora":
