@@ -171,3 +171,12 @@ def test_prune_api_and_recipe_take_true_sequential(tokenizer):
     assert res.report["recipe"]["true_sequential"] is True
     assert all(e["true_sequential"] for e in res.report["layers"])
     assert res.report["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_a_linear_no_row_reaches_is_an_error_in_both_modes(true_sequential):
+    model = tiny_model()
+    decoder_layers(model)[0].mlp.unused = nn.Linear(64, 64)
+    with pytest.raises(RuntimeError, match=r"\['mlp.unused'\] saw no calibration input"):
+        run_sequential(model, calib_ids(), LayerPlan("wanda", [Target.unstructured(0.5)] * 2,
+                                                     true_sequential=true_sequential), progress=False)

@@ -211,13 +211,12 @@ class LayerWalk:
         self._propagated = propagate
         return stats
 
-    def one_pass(self, layer: nn.Module, needs: frozenset[str],
+    def one_pass(self, layer: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str],
                  prune: Callable[[str, LayerStats], None]) -> None:
-        """Gather ``needs`` and prune each linear (``prune(name, stats)``) as soon as every row
-        reached it, in the forward that also feeds the next layer (see :mod:`~llmprune.engine.onepass`)."""
+        """Gather ``needs`` and prune each of ``linears`` (``prune(name, stats)``) as soon as every
+        row reached it, in the forward that also feeds the next layer (see :mod:`~llmprune.engine.onepass`)."""
         if self.inps is None:
             raise ValueError("statistics need calibration ids")
-        linears = linear_layers(layer)
         stats = LayerStats(linears, needs)
         try:
             prune_in_one_pass(layer, linears, self.inps, self.layer_kwargs[self._index], stats,
@@ -283,7 +282,10 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
             def prune(name: str, stats: LayerStats, linears=linears, pruned=pruned, target=targets[i]) -> None:
                 pruned.update(prune_group(linears, [name], stats.owner[name], plan, target, stats))
 
-            walk.one_pass(layer, needs, prune)
+            walk.one_pass(layer, linears, needs, prune)
+            if set(linears) - set(pruned):
+                raise RuntimeError(f"linears {sorted(set(linears) - set(pruned))} saw no calibration input; "
+                                   "cannot score them")
         else:  # exact: dense statistics of every linear, then prune; the walk propagates after
             stats = walk.collect(layer, needs) if needs else None
             pruned = prune_layer(layer, plan, targets[i], stats)
