@@ -114,8 +114,12 @@ def prune_in_one_pass(layer: nn.Module, linears: dict[str, nn.Linear], inps: tor
                    for j in range(len(starts))]
         for t in workers:
             t.start()
-        for t in workers:
-            t.join()
+        try:
+            for t in workers:
+                t.join()
+        except BaseException as e:  # e.g. Ctrl-C in the caller: release the waiting workers
+            relay.fail(e)
+            raise
     finally:
         for h in handles:
             h.remove()
