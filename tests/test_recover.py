@@ -201,7 +201,7 @@ def test_lora_without_peft_is_one_line(tokenizer, no_training, monkeypatch):
 
 
 def test_mode_defaults():
-    assert RecoverOptions().lr == 2e-5 and RecoverOptions().lora_rank is None
+    assert RecoverOptions().lr == 5e-5 and RecoverOptions().lora_rank is None
     lo = RecoverOptions(mode="lora")
     assert (lo.lr, lo.min_lr, lo.lora_rank, lo.lora_alpha, lo.lora_dropout) == (1e-4, 1e-5, 8, 16.0, 0.05)
     assert RecoverOptions.model_validate(lo.model_dump()) == lo  # round trip keeps the values
