@@ -84,6 +84,11 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Te
 UNROUTED = "magnitude (no calibration token routed here)"
 
 
+def unreached(names: set[str]) -> RuntimeError:
+    """The error for linears that no calibration row reached (and that are not MoE experts)."""
+    return RuntimeError(f"linears {sorted(names)} saw no calibration input; cannot score them")
+
+
 @torch.no_grad()
 def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerStats | None) -> dict:
     """Prune every linear of one layer in place; returns per-linear sparsity and timing, and
@@ -98,7 +103,7 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
     groups = stats.groups() if stats is not None else {n: [n] for n in linears}
     missing = [n for n in linears if not any(n in g for g in groups.values())]
     if set(missing) - routed:
-        raise RuntimeError(f"linears {sorted(set(missing) - routed)} saw no calibration input; cannot score them")
+        raise unreached(set(missing) - routed)
     report = {}
     for n in missing:  # unrouted experts
         W = linears[n].weight
@@ -284,8 +289,7 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
 
             walk.one_pass(layer, linears, needs, prune)
             if set(linears) - set(pruned):
-                raise RuntimeError(f"linears {sorted(set(linears) - set(pruned))} saw no calibration input; "
-                                   "cannot score them")
+                raise unreached(set(linears) - set(pruned))
         else:  # exact: dense statistics of every linear, then prune; the walk propagates after
             stats = walk.collect(layer, needs) if needs else None
             pruned = prune_layer(layer, plan, targets[i], stats)
