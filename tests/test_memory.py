@@ -211,3 +211,38 @@ def test_freed_activations_leave_the_rss(mallopt):
     if out == "skip":
         pytest.skip("not glibc")
     assert (float(out) > 7) == (mallopt == "on")
+
+
+def test_rows_per_call_follows_the_activation_budget(monkeypatch):
+    """Rows per layer call: as many as keep one call's activations (every linear's output and
+    the residual stream, per token) within the budget, between 1 and 8."""
+    import llmprune.engine.memory as mem
+    layer = decoder_layers(tiny_model("llama", layers=1))[0]
+    lin = linear_layers(layer).values()
+    per_token = 4 * (sum(m.out_features for m in lin) + 2 * max(m.in_features for m in lin))
+    assert mem.token_bytes(layer) == per_token
+    assert mem.rows_per_call(layer, 32, "cpu") == mem.MAX_ROWS_PER_CALL  # tiny: the cap
+    monkeypatch.setattr(mem, "CALL_BYTES", 3 * 32 * per_token + 1)
+    assert mem.rows_per_call(layer, 32, "cpu") == 3
+    monkeypatch.setattr(mem, "CALL_BYTES", 1)
+    assert mem.rows_per_call(layer, 32, "cpu") == 1  # a row never splits
+
+
+def test_rows_per_call_changes_only_the_summation_order(monkeypatch):
+    """One row per call and the default give the same statistics and outputs (to fp32 rounding)."""
+    import llmprune.engine.memory as mem
+    model = tiny_model("llama", layers=1)
+    layer = decoder_layers(model)[0]
+    inps, kw = capture_inputs(model, [layer], calib(), "cpu")
+    results = []
+    for budget in (mem.CALL_BYTES, 1):
+        monkeypatch.setattr(mem, "CALL_BYTES", budget)
+        x, stats = inps.clone(), LayerStats(linear_layers(layer), frozenset({"xtx"}))
+        run_layer(layer, x, kw[0], x, stats)
+        stats.remove()
+        results.append((x, stats.xtx))
+    (x8, h8), (x1, h1) = results
+    torch.testing.assert_close(x1, x8)
+    assert h1.keys() == h8.keys()
+    for k in h8:
+        torch.testing.assert_close(h1[k], h8[k], rtol=1e-4, atol=1e-5 * h8[k].abs().max().item())

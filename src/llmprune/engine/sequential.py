@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.engine.capture import capture_inputs, layer_output
-from llmprune.engine.memory import return_big_frees_to_os
+from llmprune.engine.memory import return_big_frees_to_os, rows_per_call
 from llmprune.engine.onepass import prune_in_one_pass
 from llmprune.engine.stats import LayerStats
 from llmprune.models.adapter import per_expert_linears, routed_linears
@@ -58,21 +58,20 @@ class LayerPlan:
     true_sequential: bool = False  # one forward per layer, later linears see pruned earlier ones
 
 
-# Calibration rows run through a layer together: batches of 8 x 1024 tokens make the CPU
-# matmuls ~2.5x faster than one row at a time, for ~100 MB of activations.
-BATCH_SIZE = 8
-
-
 @torch.no_grad()
 def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Tensor | None,
-              stats: LayerStats | None = None, batch_size: int = BATCH_SIZE) -> None:
+              stats: LayerStats | None = None, batch_size: int | None = None) -> None:
     """Run every calibration row through ``layer``; write outputs into ``outs`` if given.
+
+    ``batch_size`` rows per call; None: as many as the activation budget allows
+    (:func:`~llmprune.engine.memory.rows_per_call`).
 
     ``outs`` may be ``inps`` itself: a row's output depends only on that row, and each batch
     of rows is written after its forward, so the outputs replace the inputs in place.
     ``kwargs`` are the layer's own captured arguments (rotary embeddings, masks); they have
     batch size 1 and broadcast.
     """
+    batch_size = batch_size or rows_per_call(layer, inps.shape[1], inps.device)
     for j in range(0, inps.shape[0], batch_size):
         if stats is not None:
             stats.next_sample()
@@ -225,7 +224,8 @@ class LayerWalk:
         stats = LayerStats(linears, needs)
         try:
             prune_in_one_pass(layer, linears, self.inps, self.layer_kwargs[self._index], stats,
-                              lambda name: prune(name, stats), BATCH_SIZE)
+                              lambda name: prune(name, stats),
+                              rows_per_call(layer, self.inps.shape[1], self.inps.device))
         finally:
             stats.remove()
         self._propagated = True

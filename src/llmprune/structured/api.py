@@ -22,7 +22,8 @@ from torch import nn
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
 from llmprune.engine.capture import layer_output
-from llmprune.engine.sequential import BATCH_SIZE, LayerWalk
+from llmprune.engine.memory import rows_per_call
+from llmprune.engine.sequential import LayerWalk
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
 from llmprune.models.layers import context_length
@@ -221,7 +222,7 @@ def run_osscar(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, option
 @torch.no_grad()
 def paired_stats(layer: nn.Module, down: nn.Linear, inps: torch.Tensor, dense_inps: torch.Tensor,
                  kwargs: dict, dense_outs: torch.Tensor,
-                 batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor, float]:
+                 batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(XᵀX, XᵀY, ‖Y‖²)`` of ``down``: X its inputs on the pruned stream ``inps``, Y its
     output (bias left out: it is kept) on the dense stream ``dense_inps``, row by row paired.
     The dense layer's outputs go to ``dense_outs``, the next layer's dense inputs."""
@@ -231,6 +232,7 @@ def paired_stats(layer: nn.Module, down: nn.Linear, inps: torch.Tensor, dense_in
     H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
     XtY = torch.zeros(W.shape[1], W.shape[0], device=W.device)
     YtY = 0.0
+    batch_size = batch_size or rows_per_call(layer, inps.shape[1], inps.device)
     try:
         for j in range(0, inps.shape[0], batch_size):
             seen.clear()
