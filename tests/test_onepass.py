@@ -52,7 +52,7 @@ def slow_true_sequential(model, ids, plan, batch_size):
 
 @pytest.mark.parametrize("method,target", [("sparsegpt", Target.unstructured(0.5)), ("wanda", Target.nm(2, 4))])
 def test_one_pass_equals_the_slow_true_sequential(monkeypatch, method, target):
-    monkeypatch.setattr(seq, "rows_per_call", lambda *a: 4)  # 10 rows: batches of 4, 4, 2 in three workers
+    monkeypatch.setattr(seq, "MAX_ROWS_PER_CALL", 4)  # 10 rows: batches of 4, 4, 2 in three workers
     ids = calib_ids()
     plan = LayerPlan(method, [target] * 2, true_sequential=True)
     fast, slow = tiny_model(), tiny_model()
