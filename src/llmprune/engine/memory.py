@@ -60,9 +60,10 @@ def available_bytes(device: str | torch.device) -> int | None:
 
 
 # Activations of one layer call (hidden states, q/k/v, the MLP's intermediates) stay near
-# this on the CPU. More rows per call made the CPU no faster (2, 4 and 8 rows of 1024 tokens
-# through a SmolLM2-135M layer: 2.41, 2.35, 2.45 s for 32 rows) and only raised the peak RSS
-# (+46, +99, +180 MiB). On CUDA the budget is a share of the free memory instead.
+# this on the CPU. More rows per call bought little speed on a 2-core CPU (32 rows of 1024
+# tokens through a SmolLM2-135M layer with XᵀX: 4.0 / 3.8 / 3.7 / 3.6 s at 1 / 2 / 4 / 8 rows
+# per call) and raised the peak RSS (+46 / +99 / +180 MiB at 2 / 4 / 8 rows). On CUDA the
+# budget is a share of the free memory instead.
 CALL_BYTES = 64 << 20
 MAX_ROWS_PER_CALL = 8
 _CUDA_SHARE = 16  # of the free device memory, per call
@@ -70,8 +71,10 @@ _CUDA_SHARE = 16  # of the free device memory, per call
 
 def token_bytes(layer: nn.Module) -> int:
     """Activation bytes per token of one forward through ``layer``: the output of every linear
-    plus the residual stream twice, in the layer's dtype (an estimate: attention that
-    materialises its scores, as eager attention does, takes more)."""
+    plus two tensors as wide as its widest input (the MLP's activation and product, the
+    residual stream), in the layer's dtype. An estimate, on the high side for SmolLM2-135M
+    (33 KB per token; 8 rows × 1024 measured 23); attention that materialises its scores,
+    as eager attention does, takes more."""
     linears = linear_layers(layer).values()
     param = next(layer.parameters())
     width = max((lin.in_features for lin in linears), default=0)
@@ -81,7 +84,8 @@ def token_bytes(layer: nn.Module) -> int:
 def rows_per_call(layer: nn.Module, seqlen: int, device: str | torch.device) -> int:
     """Calibration rows run through ``layer`` per call: as many as keep one call's activations
     within the budget (``CALL_BYTES`` on the CPU, 1/16 of the free memory on CUDA), at
-    least 1 and at most ``MAX_ROWS_PER_CALL``. The rows, not the results, depend on it."""
+    least 1 and at most ``MAX_ROWS_PER_CALL``. Results depend on it only through the order
+    of floating-point sums."""
     budget = CALL_BYTES
     if torch.device(device).type == "cuda":
         budget = max(budget, (available_bytes(device) or 0) // _CUDA_SHARE)
