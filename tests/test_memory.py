@@ -215,7 +215,7 @@ def test_freed_activations_leave_the_rss(mallopt):
 
 def test_rows_per_call_follows_the_activation_budget(monkeypatch):
     """Rows per layer call: as many as keep one call's activations (every linear's output and
-    the residual stream, per token) within the budget, between 1 and 8."""
+    two tensors as wide as the widest input, per token) within the budget, between 1 and 8."""
     import llmprune.engine.memory as mem
     layer = decoder_layers(tiny_model("llama", layers=1))[0]
     lin = linear_layers(layer).values()
