@@ -188,7 +188,8 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 llmprune.prune(model, llmprune.PruneConfig(pattern="2:4", nsamples=args.nsamples,
-                                                           seqlen=args.calib_seqlen, device=args.device, **kw),
+                                                           seqlen=args.calib_seqlen, device=args.device,
+                                                           true_sequential=False, **kw),
                                calib_ids=calib, progress=False)
             except Exception as e:  # keep the other rows
                 print(f"{label} 2:4 failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

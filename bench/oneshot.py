@@ -85,7 +85,8 @@ def worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         model, tok = llmprune.load_model("smollm2-135m")
         cfg = llmprune.PruneConfig(method=args.method, nsamples=args.nsamples, seqlen=SEQLEN,
-                                   seed=SEED, calib="c4", **settings_of(args.setting))
+                                   seed=SEED, calib="c4", true_sequential=False,  # as llm-compressor
+                                   **settings_of(args.setting))
         res = llmprune.prune(model, cfg, tokenizer=tok)
         result.update(prune_seconds=res.report["timings"]["prune_s"],
                       calib_seconds=res.report["timings"]["calib_s"] if "calib_s" in res.report["timings"] else 0.0,

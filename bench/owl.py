@@ -159,7 +159,7 @@ class Bench:
             lam: float | None = None) -> dict:
         cfg = PruneConfig(model=self.args.model, method=method, allocation=allocation,
                           nsamples=self.args.nsamples, seqlen=self.args.seqlen, seed=self.args.seed,
-                          device=self.device, calib="c4")
+                          device=self.device, calib="c4", true_sequential=False)  # as the OWL code
         if ":" in target:
             cfg.pattern = target
         else:

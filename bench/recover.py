@@ -102,7 +102,7 @@ def main() -> None:
         model.load_state_dict(dense)
         if source == "sparsegpt":
             llmprune.prune(model, llmprune.PruneConfig(method="sparsegpt", pattern="2:4", nsamples=args.nsamples,
-                                                       seqlen=args.calib_seqlen),
+                                                       seqlen=args.calib_seqlen, true_sequential=False),
                            calib_ids=calibration_ids(tok, args.nsamples, args.calib_seqlen, 0), progress=False)
         elif source == "maskllm":
             if not args.maskllm_masks:

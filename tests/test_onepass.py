@@ -8,12 +8,17 @@ from conftest import family_model, tiny_model
 from torch import nn
 
 import llmprune
+import llmprune.engine.memory as memory
 import llmprune.engine.sequential as seq
+from llmprune.cli import build_parser, prune_config_from_args
 from llmprune.engine.capture import capture_inputs
 from llmprune.engine.onepass import prune_in_one_pass
 from llmprune.engine.sequential import LayerPlan, prune_group, run_layer, run_sequential
 from llmprune.engine.stats import LayerStats
+from llmprune.errors import LLMPruneError
 from llmprune.models.layers import decoder_layers, linear_layers
+from llmprune.pipeline import AUTO_TRUE_SEQUENTIAL_SHARE
+from llmprune.report import summary
 from llmprune.sparsity.methods import required_stats
 from llmprune.sparsity.patterns import Target
 
@@ -180,3 +185,53 @@ def test_a_linear_no_row_reaches_is_an_error_in_both_modes(true_sequential):
     with pytest.raises(RuntimeError, match=r"\['mlp.unused'\] saw no calibration input"):
         run_sequential(model, calib_ids(), LayerPlan("wanda", [Target.unstructured(0.5)] * 2,
                                                      true_sequential=true_sequential), progress=False)
+
+
+def _prune_with_free_memory(monkeypatch, tokenizer, free, **options):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    return llmprune.prune(tiny_model(), llmprune.PruneConfig(method="wanda", sparsity=0.5, nsamples=4, seqlen=32,
+                                                             **options),
+                          tokenizer=tokenizer, calib_ids=calib_ids(4, 32), progress=False)
+
+
+def _estimates():
+    needs = required_stats("wanda", None, False)
+    exact = sum(memory.estimate_bytes(tiny_model(), 4, 32, needs).values())
+    held = sum(memory.estimate_bytes(tiny_model(), 4, 32, needs, true_sequential=True).values())
+    assert held > exact
+    return exact, held
+
+
+def test_the_default_prunes_true_sequentially_when_its_activations_fit(monkeypatch, tokenizer):
+    res = _prune_with_free_memory(monkeypatch, tokenizer, None)  # free memory unknown: nothing limits
+    assert res.report["recipe"]["true_sequential"] is None
+    assert res.report["mode"] == "true-sequential"
+    assert all(e["true_sequential"] for e in res.report["layers"])
+    assert "true-sequential mode" in summary(res.report)
+
+
+def test_the_default_falls_back_to_exact_when_memory_is_short(monkeypatch, tokenizer, capsys):
+    exact, held = _estimates()
+    free = held / AUTO_TRUE_SEQUENTIAL_SHARE - 1  # the exact mode fits, the held activations do not
+    assert exact <= 0.9 * free
+    res = _prune_with_free_memory(monkeypatch, tokenizer, free)
+    assert res.report["mode"] == "exact"
+    assert not any(e["true_sequential"] for e in res.report["layers"])
+    assert "pruning in the exact two-pass mode" in capsys.readouterr().err
+
+
+def test_explicit_modes_are_kept_or_refused(monkeypatch, tokenizer):
+    exact, held = _estimates()
+    free = (exact + held) / 2 / 0.9  # exact fits in 90 %, true-sequential does not
+    with pytest.raises(LLMPruneError, match="true-sequential pruning needs about .*--no-true-sequential"):
+        _prune_with_free_memory(monkeypatch, tokenizer, free, true_sequential=True)
+    res = _prune_with_free_memory(monkeypatch, tokenizer, None, true_sequential=False)
+    assert res.report["mode"] == "exact"
+
+
+def test_cli_switches_the_mode_both_ways():
+    parser = build_parser()
+    for flags, expected in (([], None), (["--true-sequential"], True), (["--no-true-sequential"], False)):
+        opts = vars(parser.parse_args(["prune", "m", "--sparsity", "0.5", *flags]))
+        del opts["command"]
+        assert prune_config_from_args(opts).true_sequential is expected

@@ -25,8 +25,8 @@ def add_option_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: t
         flag = "--" + name.replace("_", "-")
         default = f.get_default(call_default_factory=True)
         shown = "" if default in (None, [], "") else f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
-        if f.annotation is bool:  # a switch; one that is on by default also gets --no-...
-            action = argparse.BooleanOptionalAction if default else "store_true"
+        if f.annotation in (bool, bool | None):  # a switch; on by default or automatic: also --no-...
+            action = argparse.BooleanOptionalAction if default is not False else "store_true"
             p.add_argument(flag, dest=name, action=action, help=f.description)
         else:
             p.add_argument(flag, dest=name, metavar=name.upper(), help=(f.description or "") + shown)

@@ -110,10 +110,11 @@ class JobConfig(RunOptions):
     allocation: _one_of("allocation", ALLOCATIONS) = Field("uniform", description=f"layer-wise sparsity: {' | '.join(ALLOCATIONS)}")
     recon_error: bool = Field(False, strict=True, description="report each linear's reconstruction "
                                                               "error ‖WX−ŴX‖²/‖WX‖² (collects XᵀX)")
-    true_sequential: bool = Field(False, strict=True, description="one forward per layer: each linear is "
-                                  "pruned once every calibration row reached it, so o_proj / down_proj "
-                                  "see the pruned q/k/v / gate/up (faster; other results than the exact "
-                                  "two-pass default)")
+    true_sequential: bool | None = Field(
+        None, strict=True, description="one forward per layer: each linear is pruned once every calibration "
+        "row reached it, so o_proj / down_proj see the pruned q/k/v / gate/up (faster, lower PPL; holds one "
+        "layer's intermediate activations for all rows). Default: on when those fit in memory, else the "
+        "exact two-pass mode (dense statistics, as the papers' code); --no-true-sequential forces exact")
 
     @field_validator("sparsity", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ from torch import nn
 from llmprune.config import PruneConfig, RunOptions, resolve_device
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import Corpus, load_corpus
-from llmprune.engine.memory import check_fits, estimate_bytes
+from llmprune.engine.memory import GiB, check_fits, estimate_bytes, fits
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_names
@@ -154,14 +154,36 @@ class Job:
     saved: Path | None = None
     data_files: list[str] = field(default_factory=list)  # what the job reads besides the model
     needs_tokenizer: bool = True
+    true_sequential: bool = False  # the mode the run uses (check_memory resolves the automatic one)
     extra: dict = field(default_factory=dict)
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
-def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: frozenset[str]) -> None:
-    """Refuse calibration settings whose activations and statistics will not fit, with numbers."""
-    check_fits(estimate_bytes(model, config.nsamples, config.seqlen, needs), device, "pruning",
-               f"lower --nsamples ({config.nsamples}) or --seqlen ({config.seqlen})")
+# The automatic mode prunes true-sequentially when everything it holds fits in this share of the
+# free memory, leaving room for the estimate's error and for whatever else runs.
+AUTO_TRUE_SEQUENTIAL_SHARE = 0.5
+
+
+def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: frozenset[str]) -> bool:
+    """Refuse calibration settings whose activations and statistics will not fit, with numbers.
+
+    Returns whether to prune true-sequentially: as ``config.true_sequential`` says, or, when it
+    is None, whether that mode's held activations fit (in ``AUTO_TRUE_SEQUENTIAL_SHARE`` of the
+    free memory; otherwise the exact mode runs, and says so).
+    """
+    hint = f"lower --nsamples ({config.nsamples}) or --seqlen ({config.seqlen})"
+    check_fits(estimate_bytes(model, config.nsamples, config.seqlen, needs), device, "pruning", hint)
+    held = estimate_bytes(model, config.nsamples, config.seqlen, needs, true_sequential=True)
+    if config.true_sequential:
+        check_fits(held, device, "true-sequential pruning", f"{hint}, or pass --no-true-sequential")
+        return True
+    if config.true_sequential is False:
+        return False
+    if fits(held, device, AUTO_TRUE_SEQUENTIAL_SHARE):
+        return True
+    print(f"note: true-sequential pruning would hold about {held['held'] / GiB:.2f} GiB of activations, more "
+          f"than {device} has to spare; pruning in the exact two-pass mode", file=sys.stderr)
+    return False
 
 
 def job_inputs(job: Job) -> list[str]:
@@ -233,7 +255,7 @@ def calibrate(job: Job) -> None:
     config = job.config
     if not job.needs:
         return
-    check_memory(job.model, config, job.device, job.needs)
+    job.true_sequential = check_memory(job.model, config, job.device, job.needs)
     if job.ids is None:
         job.ids = calibration_windows(job.corpus, job.tokenizer, config.nsamples, config.seqlen, config.seed)
         job.corpus = None
@@ -263,11 +285,17 @@ def plan(job: Job) -> None:
     job.plan = LayerPlan(config.method, job.targets, config.solver,
                          options=config.options_for(method.options, solver.options),
                          allocator=job.allocator, recon_error=config.recon_error,
-                         true_sequential=config.true_sequential)
+                         true_sequential=job.true_sequential)
 
 
 def run(job: Job) -> None:
     job.layer_report = run_sequential(job.model, job.ids, job.plan, job.device, job.progress)
+
+
+def pruning_mode(layers: list[dict]) -> str:
+    """'true-sequential', 'exact', or 'mixed' (MoE layers run in the exact mode)."""
+    modes = {e["true_sequential"] for e in layers}
+    return "mixed" if len(modes) > 1 else "true-sequential" if modes == {True} else "exact"
 
 
 def build_report(job: Job) -> dict:
@@ -280,6 +308,7 @@ def build_report(job: Job) -> dict:
                   "layers": len(decoder_layers(model)), "prunable_params": sparsity["params"]},
         "device": job.device,
         "target": str(config.target) if config.has_target else "explicit",
+        "mode": pruning_mode(job.layer_report) if job.needs else None,  # magnitude reads no data
         "sparsity": sparsity["overall"],
         "allocation": allocation_report(config, job.layer_report),
         "layers": job.layer_report,

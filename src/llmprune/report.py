@@ -74,7 +74,8 @@ def summary(report: dict) -> str:
     lines = [
         f"model {report['model']['name']} ({report['model']['class']}, {report['model']['layers']} layers)",
         f"method {r['method']}" + (f" + solver {r['solver']}" if r.get("solver") else "")
-        + f", target {report['target']}, calib {r['calib']} {r['nsamples']}x{r['seqlen']} seed {r['seed']}",
+        + f", target {report['target']}, calib {r['calib']} {r['nsamples']}x{r['seqlen']} seed {r['seed']}"
+        + (f", {report['mode']} mode" if report.get("mode") else ""),
         f"sparsity of decoder linears: {report['sparsity']:.4f}",
         "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()),
         f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}",

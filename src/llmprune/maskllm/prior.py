@@ -60,7 +60,9 @@ def oneshot_prior(model: nn.Module, tokenizer, pattern: str = "2:4", method: str
     linears = masked_linears(model)
     saved = {name: lin.weight.detach().to("cpu", copy=True) for name, lin in linears.items()}
     try:
-        config = PruneConfig(method=method, pattern=pattern, solver="none", **prune_options)
+        # the reference's prior: dense statistics per layer (the exact mode) unless asked otherwise
+        config = PruneConfig(method=method, pattern=pattern, solver="none",
+                             **{"true_sequential": False, **prune_options})
         # A weight that was already 0 reads as pruned; the shift works with such groups too.
         masks = dict(prune(model, config, tokenizer=tokenizer, progress=progress).masks)
     finally:
