@@ -22,7 +22,8 @@ from torch import nn
 from llmprune.config import PruneConfig, RunOptions, resolve_device
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import Corpus, load_corpus
-from llmprune.engine.memory import GiB, check_fits, estimate_bytes, fits
+from llmprune.engine import memory
+from llmprune.engine.memory import GiB, check_fits, estimate_bytes
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_names
@@ -179,10 +180,12 @@ def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: froz
         return True
     if config.true_sequential is False:
         return False
-    if fits(held, device, AUTO_TRUE_SEQUENTIAL_SHARE):
+    free, need = memory.available_bytes(device), sum(held.values())
+    if free is None or need <= AUTO_TRUE_SEQUENTIAL_SHARE * free:
         return True
-    print(f"note: true-sequential pruning would hold about {held['held'] / GiB:.2f} GiB of activations, more "
-          f"than {device} has to spare; pruning in the exact two-pass mode", file=sys.stderr)
+    print(f"note: true-sequential pruning would need about {need / GiB:.2f} GiB, more than "
+          f"{AUTO_TRUE_SEQUENTIAL_SHARE:.0%} of the {free / GiB:.2f} GiB free on {device}; "
+          "pruning in the exact two-pass mode (--true-sequential insists)", file=sys.stderr)
     return False
 
 

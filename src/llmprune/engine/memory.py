@@ -125,18 +125,12 @@ def estimate_bytes(model: nn.Module, nsamples: int, seqlen: int, needs: frozense
     return parts
 
 
-def fits(parts: dict[str, int], device: str | torch.device, share: float = 0.9) -> bool:
-    """Whether the estimated ``parts`` (bytes by name) fit in ``share`` of what is free on
-    ``device`` (True when that is unknown)."""
-    free = available_bytes(device)
-    return free is None or sum(parts.values()) <= share * free
-
-
 def check_fits(parts: dict[str, int], device: str | torch.device, what: str, hint: str) -> None:
     """Refuse, with the numbers, work whose estimated ``parts`` (bytes by name) exceed 90 % of
     what is free on ``device``; ``hint`` says which settings to lower."""
-    if not fits(parts, device):
-        free, total = available_bytes(device), sum(parts.values())
+    free = available_bytes(device)
+    total = sum(parts.values())
+    if free is not None and total > 0.9 * free:
         detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items() if v)
         raise LLMPruneError(f"{what} needs about {total / GiB:.2f} GiB more on {device} ({detail} GiB) but only "
                             f"{free / GiB:.2f} GiB is free; {hint}")
