@@ -83,9 +83,9 @@ def layer_bench(args, device: str) -> dict:
         model = build_model(cfg, torch.bfloat16)
         cuda_peak_reset()
         t0 = time.perf_counter()
-        res = llmprune.prune(model, PruneConfig(method=method, sparsity=0.5, nsamples=n, seqlen=L, device=device,
-                                                         true_sequential=False),
-                             calib_ids=ids, progress=False)
+        prune_cfg = PruneConfig(method=method, sparsity=0.5, nsamples=n, seqlen=L, device=device,
+                          true_sequential=False)  # as llm-compressor
+        res = llmprune.prune(model, prune_cfg, calib_ids=ids, progress=False)
         sync()
         wall = time.perf_counter() - t0
         rep = res.report
