@@ -84,7 +84,7 @@ def layer_bench(args, device: str) -> dict:
         cuda_peak_reset()
         t0 = time.perf_counter()
         prune_cfg = PruneConfig(method=method, sparsity=0.5, nsamples=n, seqlen=L, device=device,
-                          true_sequential=False)  # as llm-compressor
+                                true_sequential=False)  # as llm-compressor
         res = llmprune.prune(model, prune_cfg, calib_ids=ids, progress=False)
         sync()
         wall = time.perf_counter() - t0
