@@ -174,13 +174,13 @@ def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: froz
     """
     hint = f"lower --nsamples ({config.nsamples}) or --seqlen ({config.seqlen})"
     check_fits(estimate_bytes(model, config.nsamples, config.seqlen, needs), device, "pruning", hint)
-    held = estimate_bytes(model, config.nsamples, config.seqlen, needs, true_sequential=True)
-    if config.true_sequential:
-        check_fits(held, device, "true-sequential pruning", f"{hint}, or pass --no-true-sequential")
-        return True
     if config.true_sequential is False:
         return False
-    free, need = memory.available_bytes(device), sum(held.values())
+    one_pass = estimate_bytes(model, config.nsamples, config.seqlen, needs, true_sequential=True)
+    if config.true_sequential:
+        check_fits(one_pass, device, "true-sequential pruning", f"{hint}, or pass --no-true-sequential")
+        return True
+    free, need = memory.available_bytes(device), sum(one_pass.values())
     if free is None or need <= AUTO_TRUE_SEQUENTIAL_SHARE * free:
         return True
     print(f"note: true-sequential pruning would need about {need / GiB:.2f} GiB, more than "
