@@ -15,6 +15,10 @@ seed 0, drawn once and cached in bench/out/ (safetensors); WikiText-2 test perpl
   cosine and angular distance; the block each score chooses vs removing the last k layers.
 - Every model: parameters, WikiText-2 PPL, CPU prefill and decode tokens/s (greedy decode with
   the KV cache, measured in this process like the dense model's).
+- ``--quark``: AMD Quark's own OSSCAR (``bench/quark_run.py`` in its venv ``.venv-quark``, see
+  its docstring) at each ratio on the very same calibration windows; its saved model is measured
+  here like ours. Quark keeps a multiple of 128 channels, so its widths may differ from ours:
+  compare the relative PPL rise per share of parameters removed.
 
 Results merge into ``bench/out/structured.json`` after every run (keyed by their settings), so
 an interrupted invocation keeps what it did and a re-run only does what is missing; the
@@ -36,7 +40,9 @@ import copy
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,11 +66,12 @@ from llmprune.structured.shrink import drop_layers  # noqa: E402
 from llmprune.structured.speed import measure_speed  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
+QUARK_PY = OUT.parent.parent / ".venv-quark" / "bin" / "python"
 # name → (options, label)
 VARIANTS = {
     "baseline": (dict(greedy=False, local_search=False, refit=False), "channel score ‖W‖·‖X‖, no re-fit"),
     "greedy": (dict(greedy=True, local_search=False, refit=False), "greedy"),
-    "greedy+refit": (dict(greedy=True, local_search=False, refit=True), "greedy + re-fit (Quark)"),
+    "greedy+refit": (dict(greedy=True, local_search=False, refit=True), "greedy + re-fit (the steps Quark implements)"),
     "greedy+ls": (dict(greedy=True, local_search=True, refit=False), "greedy + local search"),
     "osscar": (dict(greedy=True, local_search=True, refit=True), "OSSCAR: greedy + local search + re-fit"),
     "osscar-dense": (dict(greedy=True, local_search=True, refit=True, dense_target=True),
@@ -111,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128, help="speed: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="speed: decoded tokens")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quark", action="store_true", help="also run AMD Quark's OSSCAR at each ratio (needs "
+                   f"{QUARK_PY.relative_to(OUT.parent.parent)}, see bench/quark_run.py)")
     p.add_argument("--fresh", action="store_true", help="forget earlier results")
     p.add_argument("--out", default=str(OUT / "structured"), help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -156,6 +165,17 @@ def markdown(result: dict) -> str:
                     cell += f", rise/share {(r['ppl'] / dense['ppl'] - 1) / r['removed_share']:.2f}"
                 cells.append(cell + ")")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        quark = result["results"].get("quark", {})
+        if quark:
+            cells = []
+            for ratio in ratios:
+                q = quark.get(f"{ratio:g}")
+                cells.append("-" if q is None else
+                             f"{q['ppl']:.2f} (width {q['width']}, −{_pct(q['removed_share'])} params"
+                             + (f", decode ×{_speedup(q, 'decode_tok_s'):.2f}, rise/share "
+                                f"{(q['ppl'] / dense['ppl'] - 1) / q['removed_share']:.2f}" if dense else "") + ")")
+            lines.append(f"| AMD Quark {next(iter(quark.values()))['quark_version']} OSSCAR, its own run | "
+                         + " | ".join(cells) + " |")
         lines += ["", "Cell: WikiText-2 PPL (share of all parameters removed, mean per-layer reconstruction "
                   "error ‖XW − X_SŴ_S‖²/‖XW‖², CPU decode speed-up over dense, relative PPL rise per share "
                   f"of parameters removed; Quark's Llama-2-7b row: {QUARK_RISE_PER_SHARE:.2f})."]
@@ -274,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             save()
             del model
 
+    if args.quark:
+        run_quark(args, ids, result, measure, save)
+
     depth = result["results"].setdefault("depth", {})
     for k in [int(x) for x in args.depth_k.split(",") if x.strip()]:
         key = f"k{k}"
@@ -316,6 +339,42 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
+
+
+def run_quark(args: argparse.Namespace, ids: torch.Tensor, result: dict, measure, save) -> None:
+    """AMD Quark's OSSCAR at each ratio on ``ids``, in its own venv; its model measured here."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.models.loading import model_source
+
+    if not QUARK_PY.is_file():
+        raise SystemExit(f"--quark needs {QUARK_PY}: set it up as bench/quark_run.py says")
+    quark = result["results"].setdefault("quark", {})
+    calib = OUT / f"calib_c4_{args.nsamples}x{args.seqlen}_seed{args.seed}.npy"
+    if not calib.is_file():
+        np.save(calib, ids.numpy().astype("int64"))
+    for ratio in [float(r) for r in args.ratios.split(",") if r.strip()]:
+        key = f"{ratio:g}"
+        if key in quark:
+            continue
+        with tempfile.TemporaryDirectory(prefix="quark-", dir=OUT) as tmp:
+            res_json = Path(tmp) / "result.json"
+            cmd = [str(QUARK_PY), str(Path(__file__).with_name("quark_run.py")), "--model-dir",
+                   str(model_source(args.model)), "--calib-ids", str(calib), "--ratio", str(ratio),
+                   "--out", str(Path(tmp) / "model"), "--json", str(res_json),
+                   "--threads", str(torch.get_num_threads())]
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            run = json.loads(res_json.read_text())
+            model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model", dtype=torch.float32).eval()
+        m = measure(model)
+        quark[key] = {**run, **m, "width": run["intermediate_size"],
+                      "removed_share": 1 - m["params"] / result["dense"]["params"]}
+        print(f"quark@{key:<14} PPL {m['ppl']:9.3f}  params −{_pct(quark[key]['removed_share'])}  width "
+              f"{run['intermediate_size']}  prune {run['prune_seconds']:.0f}s", flush=True)
+        save()
+        del model
 
 
 if __name__ == "__main__":
