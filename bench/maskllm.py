@@ -82,6 +82,7 @@ def args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--no-oneshot", action="store_true", help="skip the one-shot baselines")
     p.add_argument("--plot", action="store_true", help="also write docs/img/maskllm.png")
+    p.add_argument("--plot-to", default=None, help="also write the plot to this file (e.g. docs/img/maskllm_cpu.png)")
     p.add_argument("--out", default=str(OUT / "maskllm.json"))
     p.add_argument("--model", default="smollm2-135m", help="the bundled name, or its .gguf file")
     p.add_argument("--device", default="cpu", help="cpu | cuda: where training and evaluation run (the recipe "
@@ -233,6 +234,8 @@ def main() -> None:
     out.with_suffix(".md").write_text(markdown(result) + "\n")
     if args.plot:
         plot(result, Path(__file__).resolve().parents[1] / "docs" / "img" / "maskllm.png")
+    if args.plot_to:
+        plot(result, Path(args.plot_to))
     print(markdown(result))
 
 

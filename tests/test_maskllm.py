@@ -31,6 +31,7 @@ from llmprune.maskllm import (
 )
 from llmprune.maskllm.candidates import parse_nm
 from llmprune.maskllm.checkpoint import latest_checkpoint
+from llmprune.maskllm.memory import estimate_train_bytes
 from llmprune.maskllm.schedule import MaskSchedule, cosine, linear
 from llmprune.maskllm.task import MaskLLMTask, model_fingerprint
 
@@ -279,6 +280,34 @@ def test_only_the_trained_parameters_get_gradients(tokenizer, corpus, monkeypatc
     maskllm(model, tokenizer, corpus=corpus, **{**FAST, "steps": 1})
     assert seen and all(has == name.endswith(".logits") for name, has in seen.items()), seen
     assert all(p.requires_grad for p in model.parameters())  # handed back trainable
+
+
+def test_bf16_logits_train_resume_and_halve_the_logit_memory(tokenizer, corpus, tmp_path, monkeypatch):
+    seen = {}
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        params = [p for g in self.param_groups for p in g["params"]]
+        seen.update(params={p.dtype for p in params}, grads={p.grad.dtype for p in params})
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    opts = dict(steps=4, checkpoint_every=1, logits_dtype="bfloat16", lr=5e-3)
+    full = run(tokenizer, corpus, work_dir=tmp_path / "full", **opts)
+    assert seen["params"] == {torch.bfloat16} and seen["grads"] == {torch.bfloat16}
+    assert full.log[-1]["flipped"] > 0 or full.log[0]["flipped"] > 0  # the bf16 updates move masks
+    assert all(is_nm(k, 2, 4) for k in full.masks.values())
+    run(tokenizer, corpus, work_dir=tmp_path / "half", until=2, **opts)
+    resumed = run(tokenizer, corpus, work_dir=tmp_path / "half", resume=tmp_path / "half", **opts)
+    for name, keep in full.masks.items():
+        assert torch.equal(resumed.masks[name], keep), name
+    with pytest.raises(LLMPruneError, match="logits_dtype"):  # not resumable with other logits
+        run(tokenizer, corpus, resume=tmp_path / "half", **{**opts, "logits_dtype": "float32"})
+    fp32 = estimate_train_bytes(tiny_model(), MaskLLMOptions(seqlen=32), 2, 4)
+    bf16 = estimate_train_bytes(tiny_model(), MaskLLMOptions(seqlen=32, logits_dtype="bfloat16"), 2, 4)
+    assert 2 * bf16["logits"] == fp32["logits"] and bf16["masks"] == fp32["masks"]
+    with pytest.raises(ValueError, match="logits_dtype"):
+        MaskLLMOptions(logits_dtype="float16")
 
 
 def test_interrupted_checkpoint_write_is_ignored(tokenizer, corpus, tmp_path):

@@ -89,7 +89,8 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
         prior = oneshot_prior(model, tokenizer, opts.pattern, prior, progress=progress, **calib)
     prior_s = time.perf_counter() - t0
     noise = NoiseSource(opts.seed)
-    masks = attach_masks(model, n, m, opts.init_std, opts.seed, noise, opts.train_weights)
+    masks = attach_masks(model, n, m, opts.init_std, opts.seed, noise, opts.train_weights,
+                         getattr(torch, opts.logits_dtype))
     try:
         if prior is not None and ckpt is None:
             apply_prior(masks, prior, opts.prior_strength)

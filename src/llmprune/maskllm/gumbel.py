@@ -1,6 +1,7 @@
 """The differentiable N:M mask of one linear: a ``torch.nn.utils.parametrize`` on its weight.
 
-Each group of M consecutive inputs of a row has ``C(M, N)`` logits (fp32). Training forward:
+Each group of M consecutive inputs of a row has ``C(M, N)`` logits (fp32, or bf16 to halve their
+memory; the softmax is computed in fp32 either way). Training forward:
 ``p = softmax((κ·logits + g) / τ)`` with Gumbel noise g, soft mask = ``p @ candidates``, and
 the layer computes with ``W ⊙ mask``. Evaluation: the argmax candidate (exactly N:M).
 
@@ -122,15 +123,16 @@ class LearnableNMMask(nn.Module):
 
     def __init__(self, shape: torch.Size, n: int, m: int, init_std: float = 0.01,
                  generator: torch.Generator | None = None, noise: NoiseSource | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         out_f, in_f = shape
         if in_f % m:
             raise LLMPruneError(f"{in_f} input features are not divisible by M={m}")
         self.n, self.m, self.shape = n, m, torch.Size(shape)
         cands = candidates(n, m, device=device)
+        # drawn in fp32 whatever the dtype: the same init, rounded, for bf16 logits
         logits = torch.empty(out_f * in_f // m, cands.shape[0], dtype=torch.float32, device=device)
-        self.logits = nn.Parameter(logits.normal_(0.0, init_std, generator=generator))
+        self.logits = nn.Parameter(logits.normal_(0.0, init_std, generator=generator).to(dtype))
         self.register_buffer("cands", cands, persistent=False)  # (C, M), rebuilt, never saved
         self.noise = noise or NoiseSource()
         self.tau, self.kappa = 4.0, 1e2
@@ -183,12 +185,13 @@ def check_divisible(model: nn.Module, m: int, n: int | None = None) -> None:
 
 
 def attach_masks(model: nn.Module, n: int, m: int, init_std: float = 0.01, seed: int = 0,
-                 noise: NoiseSource | None = None, train_weights: bool = False) -> dict[str, LearnableNMMask]:
+                 noise: NoiseSource | None = None, train_weights: bool = False,
+                 logits_dtype: torch.dtype = torch.float32) -> dict[str, LearnableNMMask]:
     """Put a :class:`LearnableNMMask` on the weight of every decoder linear.
 
     Returns the masks keyed by weight name (``model.layers.0.mlp.down_proj.weight``). Logits
-    are initialised from one generator seeded with ``seed``, in module order. Weights are
-    frozen unless ``train_weights``.
+    (``logits_dtype``) are initialised from one generator seeded with ``seed``, in module
+    order. Weights are frozen unless ``train_weights``.
     """
     check_divisible(model, m, n)
     noise = noise or NoiseSource(seed)
@@ -199,7 +202,8 @@ def attach_masks(model: nn.Module, n: int, m: int, init_std: float = 0.01, seed:
             raise LLMPruneError(f"{name}.weight already carries a parametrization (masks attached twice?)")
         device = lin.weight.device
         # Draw on the CPU so the init is the same whatever the device.
-        mask = LearnableNMMask(lin.weight.shape, n, m, init_std, gen, noise, device="cpu").to(device)
+        mask = LearnableNMMask(lin.weight.shape, n, m, init_std, gen, noise, device="cpu",
+                               dtype=logits_dtype).to(device)
         mask.train(model.training)
         lin.weight.requires_grad_(train_weights)
         # unsafe: skip the registration's trial forward (it would draw noise and build a graph)

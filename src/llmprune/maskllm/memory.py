@@ -15,8 +15,8 @@ from llmprune.models.layers import decoder_layers
 def estimate_train_bytes(model: nn.Module, opts: MaskLLMOptions, n: int, m: int) -> dict[str, int]:
     """Extra bytes of one process, by part (an estimate, not a bound).
 
-    ``logits``: fp32 logits, their gradient and AdamW's two moments (4 copies of
-    ``numel/M · C(M, N)``); ``masks``: per step, the softmax output, its Gumbel temporaries and
+    ``logits``: the logits, their gradient and AdamW's two moments (4 copies of
+    ``numel/M · C(M, N)`` in ``logits_dtype``); ``masks``: per step, the softmax output, its Gumbel temporaries and
     the soft mask of every layer, alive until the backward; ``weights``: with
     ``train_weights``, the weights' gradient and two moments; ``activations``: Korthikanti et
     al.'s ``34·s·b·h`` bytes per layer at 16 bits (scaled to the model's dtype) plus the fp32
@@ -30,7 +30,8 @@ def estimate_train_bytes(model: nn.Module, opts: MaskLLMOptions, n: int, m: int)
     width = model.get_input_embeddings().weight.shape[1]
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
     layers = len(decoder_layers(model))
-    return {"logits": 4 * 4 * logit_elems,
+    logit_bytes = 2 if opts.logits_dtype == "bfloat16" else 4
+    return {"logits": 4 * logit_bytes * logit_elems,
             "masks": 4 * (2 * logit_elems + numel),
             "weights": 3 * numel * param.element_size() if opts.train_weights else 0,
             "activations": int(34 * tokens * width * layers * param.element_size() / 2) + 2 * 4 * tokens * vocab}

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -26,6 +26,9 @@ class MaskLLMOptions(TrainerOptions):
                                                            "first step, decaying linearly to 0")
     prior_strength: NonNegativeFloat = Field(3.0, description="prior shift: (overlap − 1)·std(logits)·strength")
     init_std: PositiveFloat = Field(0.01, description="std of the N(0, std) logit initialisation")
+    logits_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the mask logits, their gradient and AdamW moments: bfloat16 "
+                               "halves that memory (e.g. a 7B model on one GPU); the softmax runs in fp32")
     train_weights: bool = Field(False, strict=True, description="also train the kept weights (masked "
                                                                 "fine-tuning); default: mask only")
     weights_lr: PositiveFloat | None = Field(None, description="base learning rate of the weights with "
