@@ -16,6 +16,7 @@ from llmprune.sparsity.admm import (
     admm_update,
     cubic_sparsity,
     drop_lowest,
+    kth_smallest,
 )
 from llmprune.sparsity.methods import prune_weight, required_stats
 from llmprune.sparsity.patterns import Target, unstructured_mask
@@ -107,6 +108,20 @@ def test_drop_lowest_matches_topk_and_counts_ties():
         keep = drop_lowest(score, k)
         assert (~keep).sum() == k
         assert score[~keep].max() <= score[keep].min()
+
+
+def test_kth_smallest_equals_kthvalue_with_ties_zeros_inf_and_fallbacks():
+    torch.manual_seed(3)
+    x = torch.rand(5000) * torch.rand(5000)
+    x[:700] = 0  # dead inputs
+    x[700:900] = float("inf")  # N:M survivors
+    x[900:1200] = x[1200]  # ties
+    x[1300:1400] = 2.0 ** -140  # subnormals
+    for k in (1, 2, 350, 700, 701, 1000, 2500, 4800, 4801, 5000):
+        assert torch.equal(kth_smallest(x, k), x.kthvalue(k).values), k
+    neg, dbl = torch.randn(999), torch.rand(999, dtype=torch.float64)  # fall back to kthvalue
+    for t in (neg, dbl):
+        assert torch.equal(kth_smallest(t, 400), t.kthvalue(400).values)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.33])
