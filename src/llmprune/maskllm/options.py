@@ -28,7 +28,7 @@ class MaskLLMOptions(TrainerOptions):
     init_std: PositiveFloat = Field(0.01, description="std of the N(0, std) logit initialisation")
     logits_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the mask logits, their gradient and AdamW moments: bfloat16 "
-                               "halves that memory (e.g. a 7B model on one GPU); the softmax runs in fp32")
+                               "halves that memory (large models on GPUs); the softmax runs in fp32")
     train_weights: bool = Field(False, strict=True, description="also train the kept weights (masked "
                                                                 "fine-tuning); default: mask only")
     weights_lr: PositiveFloat | None = Field(None, description="base learning rate of the weights with "
