@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from llmprune.engine.memory import check_fits
@@ -30,8 +31,7 @@ def estimate_train_bytes(model: nn.Module, opts: MaskLLMOptions, n: int, m: int)
     width = model.get_input_embeddings().weight.shape[1]
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
     layers = len(decoder_layers(model))
-    logit_bytes = 2 if opts.logits_dtype == "bfloat16" else 4
-    return {"logits": 4 * logit_bytes * logit_elems,
+    return {"logits": 4 * getattr(torch, opts.logits_dtype).itemsize * logit_elems,
             "masks": 4 * (2 * logit_elems + numel),
             "weights": 3 * numel * param.element_size() if opts.train_weights else 0,
             "activations": int(34 * tokens * width * layers * param.element_size() / 2) + 2 * 4 * tokens * vocab}
