@@ -139,20 +139,25 @@ def admm_iterate(P: ScaledProblem, mask: torch.Tensor | None, iters: int, rho: f
     (ADMM-Grad) or None to keep the current one. ``trace(t, Z̃)`` sees the masked iterate after
     each iteration (for convergence plots; it costs nothing when None).
     """
-    Wt = P.W0  # the W-update's optimum without the mask: the dense weights themselves
-    U = torch.zeros_like(Wt)
+    # Five (rows, cols) buffers written in place: fresh tensors every iteration were 60 % slower
+    # under the engine's allocator (blocks ≥ 1 MiB mapped and faulted in anew each time). The
+    # arithmetic is the same expressions in the same order, so the results are bit for bit equal.
+    Wt = P.W0.clone()  # the W-update's optimum without the mask: the dense weights themselves
+    U, V, Z, R = (torch.zeros_like(Wt) for _ in range(4))
     for t in range(iters):
-        V = Wt + U
+        torch.add(Wt, U, out=V)
         if select is not None:
             new = select(t, V)
             mask = new if new is not None else mask
-        Z = V * mask
-        U = V - Z  # U + W − Z
-        Wt = (P.B + rho * (Z - U)) @ P.Ainv  # Ainv is symmetric: right-multiplying solves per row
+        torch.mul(V, mask, out=Z)
+        torch.sub(V, Z, out=U)  # U + W − Z
+        torch.sub(Z, U, out=R)
+        R.mul_(rho).add_(P.B)  # B + ρ(Z − U)
+        torch.mm(R, P.Ainv, out=Wt)  # Ainv is symmetric: right-multiplying solves per row
         if trace is not None:
             trace(t, (Wt + U) * mask)
-    Z = (Wt + U) * mask
-    return Z, mask
+    torch.add(Wt, U, out=V)
+    return V.mul_(mask), mask
 
 
 def admm_update(W: torch.Tensor, XtX: torch.Tensor, mask: torch.Tensor, iters: int = ADMM_ITERS,
@@ -245,13 +250,15 @@ def admm_gradual(W: torch.Tensor, XtX: torch.Tensor, target: Target, iters: int 
     P = scaled_problem(W, XtX, rho, damp)
     groups = row_groups or [slice(0, W.shape[0])]
     live = P.live.unsqueeze(0)
+    score = torch.empty_like(P.W0)  # reused by every selection (see admm_iterate)
 
     def select(t: int, V: torch.Tensor) -> torch.Tensor | None:
         if t >= ks:
             return None
         s_t = target.sparsity if t == ks - 1 else cubic_sparsity(target.sparsity, t, ks)
-        score = V.abs() * live  # Wanda-style |V_ij|·‖X_j‖ (V is scaled); dead inputs score 0
-        return torch.cat([gradual_mask(score[g], target, s_t, per) for g in groups])
+        torch.abs(V, out=score).mul_(live)  # Wanda-style |V_ij|·‖X_j‖ (V is scaled); dead inputs score 0
+        masks = [gradual_mask(score[g], target, s_t, per) for g in groups]
+        return masks[0] if len(masks) == 1 else torch.cat(masks)
 
     Z, keep = admm_iterate(P, None, iters, rho, select=select)
     return Z / P.d.unsqueeze(0), keep
