@@ -221,8 +221,9 @@ class LayerWalk:
         row reached it, in the forward that also feeds the next layer (see :mod:`~llmprune.engine.onepass`).
 
         Batches of the most rows per call: every row's activations at the current linear are
-        held anyway, so smaller calls save no memory here, and fewer workers were faster
-        (6 SmolLM2 layers, ADMM-Grad 50 %: 38.0 s at 8 rows, 41.0 s at 2; the same peak)."""
+        held anyway, so smaller calls save little memory here (4 rows: −7 MiB of ≈ 570; 1 row:
+        +280, each worker thread keeping its own GEMM buffers), and fewer workers were faster
+        (6 SmolLM2 layers, ADMM-Grad 50 %: 38.0 s at 8 rows, 41.0 s at 2)."""
         if self.inps is None:
             raise ValueError("statistics need calibration ids")
         stats = LayerStats(linears, needs)
