@@ -213,6 +213,25 @@ def test_freed_activations_leave_the_rss(mallopt):
     assert (float(out) > 7) == (mallopt == "on")
 
 
+def test_exact_calls_reuse_their_blocks_true_sequential_maps_them():
+    """The exact mode's layer calls let the heap serve one call's activation blocks (the widest
+    linear's, plus 1 MiB); the true-sequential mode, with its waiting threads, maps every block
+    of ≥ 1 MiB again."""
+    import llmprune.engine.memory as mem
+    if not mem.return_big_frees_to_os():
+        pytest.skip("not glibc")
+    model, ids = tiny_model("llama", layers=2), calib()
+    layer = decoder_layers(model)[0]
+    rows = mem.rows_per_call(layer, ids.shape[1], "cpu")
+    widest = max(max(m.in_features, m.out_features) for m in linear_layers(layer).values())
+    block = rows * ids.shape[1] * widest * 4 + mem.MiB
+    targets = [Target.unstructured(0.5)] * 2
+    run_sequential(model, ids, LayerPlan("wanda", targets), progress=False)
+    assert mem._mmap_threshold == math.ceil(block / mem.MiB) * mem.MiB > mem.MMAP_THRESHOLD
+    run_sequential(model, ids, LayerPlan("wanda", targets, true_sequential=True), progress=False)
+    assert mem._mmap_threshold == mem.MMAP_THRESHOLD
+
+
 def test_rows_per_call_follows_the_activation_budget(monkeypatch):
     """Rows per layer call: as many as keep one call's activations (every linear's output and
     two tensors as wide as the widest input, per token) within the budget, between 1 and 8."""

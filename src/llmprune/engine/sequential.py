@@ -29,7 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.engine.capture import capture_inputs, layer_output
-from llmprune.engine.memory import MAX_ROWS_PER_CALL, return_big_frees_to_os, rows_per_call
+from llmprune.engine.memory import (
+    MAX_ROWS_PER_CALL,
+    return_big_frees_to_os,
+    reuse_one_call_blocks,
+    rows_per_call,
+)
 from llmprune.engine.onepass import prune_in_one_pass
 from llmprune.engine.stats import LayerStats
 from llmprune.models.adapter import per_expert_linears, routed_linears
@@ -72,6 +77,8 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Te
     batch size 1 and broadcast.
     """
     batch_size = batch_size or rows_per_call(layer, inps.shape[1], inps.device)
+    if inps.device.type == "cpu":
+        reuse_one_call_blocks(layer, batch_size, inps.shape[1])
     for j in range(0, inps.shape[0], batch_size):
         if stats is not None:
             stats.next_sample()
@@ -227,6 +234,7 @@ class LayerWalk:
         if self.inps is None:
             raise ValueError("statistics need calibration ids")
         stats = LayerStats(linears, needs)
+        return_big_frees_to_os()  # see reuse_one_call_blocks: not with many waiting threads
         try:
             prune_in_one_pass(layer, linears, self.inps, self.layer_kwargs[self._index], stats,
                               lambda name: prune(name, stats), MAX_ROWS_PER_CALL)
@@ -266,7 +274,7 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
     Each entry has the layer's ``target`` and ``target_sparsity``; with an allocator also its
     measure (e.g. ``outlier_ratio``) and the dense pass's ``allocation_seconds``.
     """
-    return_big_frees_to_os()  # freed activations leave the RSS instead of fragmenting the heap
+    return_big_frees_to_os()  # freed blocks leave the RSS; run_layer lets one call's be reused
     layers = decoder_layers(model)
     targets, measures, measure_s = plan.targets, None, None
     if plan.allocator is not None:
