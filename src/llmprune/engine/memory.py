@@ -17,9 +17,11 @@ GiB = 1024**3
 # glibc serves allocations above this size by mmap, so a freed block goes straight back to
 # the OS. Its default threshold grows to 32 MiB as big blocks are freed, after which the
 # 5-30 MB activations of a layer's forward come from the heap and freed ones stay there
-# (fragmentation): ~150 MB more peak RSS when pruning SmolLM2-135M, for no speed gain.
-MMAP_THRESHOLD = 1 << 20
+# (fragmentation): ~150 MB more peak RSS when pruning SmolLM2-135M. The engine fixes it: to
+# this for evaluation and the true-sequential mode, just above one call's blocks for the
+# exact mode's layer calls (reuse_one_call_blocks).
 MiB = 1 << 20
+MMAP_THRESHOLD = MiB
 _MAX_MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 _mmap_threshold: int | None = None  # what this process last set

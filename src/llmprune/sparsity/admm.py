@@ -140,7 +140,7 @@ def admm_iterate(P: ScaledProblem, mask: torch.Tensor | None, iters: int, rho: f
     each iteration (for convergence plots; it costs nothing when None).
     """
     # Five (rows, cols) buffers written in place: fresh tensors every iteration were 60 % slower
-    # under the engine's allocator (blocks ≥ 1 MiB mapped and faulted in anew each time). The
+    # where the engine has glibc map blocks of ≥ 1 MiB (each faulted in anew, page by page). The
     # arithmetic is the same expressions in the same order, so the results are bit for bit equal.
     Wt = P.W0.clone()  # the W-update's optimum without the mask: the dense weights themselves
     U, V, Z, R = (torch.zeros_like(Wt) for _ in range(4))
