@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -22,7 +23,7 @@ GiB = 1024**3
 # exact mode's layer calls (reuse_one_call_blocks).
 MiB = 1 << 20
 MMAP_THRESHOLD = MiB
-_MAX_MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
+_MAX_MMAP_THRESHOLD = 32 * MiB  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 _mmap_threshold: int | None = None  # what this process last set
 
@@ -36,15 +37,22 @@ def set_mmap_threshold(nbytes: int) -> bool:
     nbytes = min(_MAX_MMAP_THRESHOLD, max(MMAP_THRESHOLD, -(-nbytes // MiB) * MiB))
     if _mmap_threshold == nbytes:
         return True
+    mallopt = _glibc_mallopt()
+    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, nbytes):
+        return False
+    _mmap_threshold = nbytes
+    return True
+
+
+@functools.cache
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None elsewhere; looked up once (the run sets it per layer)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        ok = bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes))
+        return ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
-    if ok:
-        _mmap_threshold = nbytes
-    return ok
+        return None
 
 
 def return_big_frees_to_os() -> bool:

@@ -143,7 +143,8 @@ def admm_iterate(P: ScaledProblem, mask: torch.Tensor | None, iters: int, rho: f
     # where the engine has glibc map blocks of ≥ 1 MiB (each faulted in anew, page by page). The
     # arithmetic is the same expressions in the same order, so the results are bit for bit equal.
     Wt = P.W0.clone()  # the W-update's optimum without the mask: the dense weights themselves
-    U, V, Z, R = (torch.zeros_like(Wt) for _ in range(4))
+    U = torch.zeros_like(Wt)
+    V, Z, R = (torch.empty_like(Wt) for _ in range(3))  # each written before it is read
     for t in range(iters):
         torch.add(Wt, U, out=V)
         if select is not None:
