@@ -235,8 +235,8 @@ def test_the_example_recipe_plans(tmp_path):
 
 
 def test_a_stage_killed_mid_training_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch, capsys):
-    import llmprune.maskllm.trainer as trainer
     import llmprune.pipeline as pipeline
+    import llmprune.train.trainer as trainer
 
     recipe, ref = finished
     out = tmp_path / "out"

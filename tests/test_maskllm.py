@@ -30,10 +30,11 @@ from llmprune.maskllm import (
     oneshot_prior,
 )
 from llmprune.maskllm.candidates import parse_nm
-from llmprune.maskllm.checkpoint import latest_checkpoint
 from llmprune.maskllm.memory import estimate_train_bytes
-from llmprune.maskllm.schedule import MaskSchedule, cosine, linear
+from llmprune.maskllm.schedule import MaskSchedule
 from llmprune.maskllm.task import MaskLLMTask, model_fingerprint
+from llmprune.train.checkpoint import latest_checkpoint
+from llmprune.train.schedule import cosine, linear
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(seqlen=32, batch_size=2, log_every=1, progress=False)
@@ -364,7 +365,7 @@ def test_bad_prior_dict_names_the_first_bad_key(tokenizer, no_training):
 
 def test_resume_from_another_model_pattern_or_recipe_is_refused(tokenizer, corpus, tmp_path, no_training):
     import llmprune.maskllm.api as api
-    from llmprune.maskllm.stream import training_stream
+    from llmprune.train.stream import training_stream
 
     api.attach_masks, api.training_stream = attach_masks, training_stream  # only this run may work
     run(tokenizer, corpus, steps=2, checkpoint_every=1, work_dir=tmp_path / "a")
@@ -464,7 +465,7 @@ def test_failed_training_hands_the_model_back_dense(tokenizer, corpus, monkeypat
 
 def test_packed_stream_joins_documents_with_eos_and_resumes(tokenizer):
     from llmprune.data.sources import Corpus
-    from llmprune.maskllm.stream import PackedStream, StreamState
+    from llmprune.train.stream import PackedStream, StreamState
 
     docs = [f"document number {i} " * (i + 1) for i in range(7)]
     stream = PackedStream(Corpus(docs, "docs", "toy", "toy"), tokenizer, seqlen=16, seed=3)

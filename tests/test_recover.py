@@ -11,8 +11,8 @@ from conftest import tiny_model
 
 from llmprune.data.sources import load_corpus
 from llmprune.errors import LLMPruneError
-from llmprune.maskllm.gumbel import masked_linears
 from llmprune.masks import MaskSet
+from llmprune.models.adapter import masked_linears
 from llmprune.recover import RecoverOptions, model_masks, pruned_nonzero, recover
 from llmprune.sparsity.patterns import Target
 

@@ -18,7 +18,7 @@ from llmprune.export.save import RECIPE_FILE, REPORT_FILE, atomic_dir, output_lo
 def checkpoint_for(plan: StagePlan, resumable: bool) -> str | None:
     """A killed training stage's checkpoints (``NN-kind.ckpt``): resumed when the stage is the
     same one (``resumable``), else removed (the chain made them; they belong to another recipe)."""
-    from llmprune.maskllm.checkpoint import latest_checkpoint
+    from llmprune.train.checkpoint import latest_checkpoint
 
     ckpt = Path(f"{plan.dir}.ckpt")
     if not ckpt.is_dir():

@@ -2,7 +2,7 @@
 
 Public surface: :func:`maskllm` (the entry point), :class:`MaskLLMOptions`, the mask pieces
 (:func:`candidates`, :func:`attach_masks`, :func:`hard_masks`, :func:`detach_masks`), priors
-(:func:`apply_prior`, :func:`oneshot_prior`) and the generic :class:`Trainer`. Masks are plain
+(:func:`apply_prior`, :func:`oneshot_prior`); the loop itself is :mod:`llmprune.train`. Masks are plain
 ``{weight name: bool tensor}`` dicts.
 """
 
@@ -18,8 +18,7 @@ from llmprune.maskllm.gumbel import (
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.maskllm.prior import apply_prior, oneshot_prior
 from llmprune.maskllm.schedule import MaskSchedule
-from llmprune.maskllm.trainer import Trainer, TrainerOptions
 
-__all__ = ["LearnableNMMask", "MaskLLMOptions", "MaskLLMResult", "MaskSchedule", "NoiseSource", "Trainer",
-           "TrainerOptions", "apply_prior", "attach_masks", "candidates", "detach_masks", "hard_masks",
+__all__ = ["LearnableNMMask", "MaskLLMOptions", "MaskLLMResult", "MaskSchedule", "NoiseSource",
+           "apply_prior", "attach_masks", "candidates", "detach_masks", "hard_masks",
            "maskllm", "oneshot_prior", "parse_nm"]

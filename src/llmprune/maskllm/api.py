@@ -22,11 +22,11 @@ from llmprune.maskllm.gumbel import NoiseSource, attach_masks, check_divisible, 
 from llmprune.maskllm.memory import check_train_memory
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.maskllm.prior import apply_prior, check_prior, masked_shapes, oneshot_prior
-from llmprune.maskllm.stream import training_stream
 from llmprune.maskllm.task import MaskLLMTask, model_fingerprint
-from llmprune.maskllm.trainer import Trainer, check_resume
 from llmprune.models.layers import context_length
 from llmprune.options import validated
+from llmprune.train.stream import training_stream
+from llmprune.train.trainer import Trainer, check_resume
 
 ONESHOT_PRIORS = ("sparsegpt", "wanda", "magnitude")
 

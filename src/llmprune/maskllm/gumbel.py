@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from llmprune.errors import LLMPruneError
 from llmprune.maskllm.candidates import candidates
-from llmprune.models.layers import decoder_layers, linear_layers
+from llmprune.models.adapter import masked_linears
 
 
 class NoiseSource:
@@ -157,22 +157,6 @@ class LearnableNMMask(nn.Module):
         mask = self.soft_mask().view(self.shape)
         self.sq_norm = masked_sq_norm(W, mask)
         return W * mask.to(W.dtype)
-
-
-def masked_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every linear inside the decoder layers, by parameter-name prefix (never ``lm_head`` or
-    embeddings), e.g. ``model.layers.0.mlp.down_proj``."""
-    names = {id(mod): name for name, mod in model.named_modules()}
-    out = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        for sub, lin in linear_layers(layer).items():
-            if id(lin) not in names:
-                # e.g. per-expert views on fused MoE expert tensors: not modules the model calls,
-                # so a parametrization on them would never be used
-                raise LLMPruneError(f"layer {i} {sub} is not an nn.Linear the model calls (fused MoE "
-                                    f"experts?); MaskLLM masks nn.Linear weights only")
-            out[names[id(lin)]] = lin
-    return out
 
 
 def check_divisible(model: nn.Module, m: int, n: int | None = None) -> None:

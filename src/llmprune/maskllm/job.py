@@ -25,7 +25,6 @@ from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import save_pruned
 from llmprune.maskllm.api import ONESHOT_PRIORS, maskllm
 from llmprune.maskllm.options import MaskLLMOptions
-from llmprune.maskllm.trainer import checkpoint_dir
 from llmprune.masks import MaskSet
 from llmprune.options import PositiveInt
 from llmprune.pipeline import (
@@ -39,6 +38,7 @@ from llmprune.pipeline import (
     report,
     run_stages,
 )
+from llmprune.train.trainer import checkpoint_dir
 
 MASK_FILE = "masks.npz"
 LOG_FILE = "train_log.jsonl"

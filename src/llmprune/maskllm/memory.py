@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from llmprune.engine.memory import check_fits
-from llmprune.maskllm.gumbel import masked_linears
 from llmprune.maskllm.options import MaskLLMOptions
+from llmprune.models.adapter import masked_linears
 from llmprune.models.layers import decoder_layers
 
 

@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 
 from llmprune.maskllm.candidates import parse_nm
-from llmprune.maskllm.trainer import TrainerOptions
 from llmprune.options import NonNegativeFloat, PositiveFloat
+from llmprune.train.trainer import TrainerOptions
 
 
 class MaskLLMOptions(TrainerOptions):

@@ -15,7 +15,8 @@ from torch import nn
 
 from llmprune.errors import LLMPruneError
 from llmprune.maskllm.candidates import overlap
-from llmprune.maskllm.gumbel import LearnableNMMask, masked_linears
+from llmprune.maskllm.gumbel import LearnableNMMask
+from llmprune.models.adapter import masked_linears
 
 
 def check_prior(prior: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -1,4 +1,4 @@
-"""MaskLLM as a :class:`~llmprune.maskllm.trainer.TrainTask`: the logits (and optionally the
+"""MaskLLM as a :class:`~llmprune.train.trainer.TrainTask`: the logits (and optionally the
 kept weights) to train, the τ/κ/λ schedules, the sparse-weight regulariser and flip counts."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import json
 import torch
 from torch import nn
 
-from llmprune.maskllm.gumbel import LearnableNMMask, NoiseSource, masked_linears
+from llmprune.maskllm.gumbel import LearnableNMMask, NoiseSource
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.maskllm.schedule import MaskSchedule
+from llmprune.models.adapter import masked_linears
 
 
 def model_fingerprint(model: nn.Module, pattern: str) -> dict:
@@ -27,7 +28,7 @@ def model_fingerprint(model: nn.Module, pattern: str) -> dict:
 
 
 class MaskLLMTask:
-    """The method's side of the loop (see :class:`~llmprune.maskllm.trainer.TrainTask`)."""
+    """The method's side of the loop (see :class:`~llmprune.train.trainer.TrainTask`)."""
 
     name = "maskllm"
 

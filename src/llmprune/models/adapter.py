@@ -250,6 +250,22 @@ def linear_layers(layer: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def masked_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear inside the decoder layers, by parameter-name prefix (never ``lm_head`` or
+    embeddings), e.g. ``model.layers.0.mlp.down_proj``."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for sub, lin in linear_layers(layer).items():
+            if id(lin) not in names:
+                # e.g. per-expert views on fused MoE expert tensors: not modules the model calls,
+                # so a parametrization on them would never be used
+                raise LLMPruneError(f"layer {i} {sub} is not an nn.Linear the model calls (fused MoE "
+                                    f"experts?); trained masks (MaskLLM, recovery) attach to nn.Linear weights only")
+            out[names[id(lin)]] = lin
+    return out
+
+
 def prunable_weights(layer: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters that pruning zeroes, by name within ``layer``: each linear's weight, and
     for fused MoE experts the fused 3D tensors themselves (their per-expert linears are views;

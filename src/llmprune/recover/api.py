@@ -18,16 +18,16 @@ from torch import nn
 
 from llmprune.data.sources import Corpus
 from llmprune.errors import LLMPruneError
-from llmprune.maskllm.gumbel import masked_linears
-from llmprune.maskllm.stream import training_stream
-from llmprune.maskllm.trainer import Trainer, check_resume
 from llmprune.masks import MaskSet
+from llmprune.models.adapter import masked_linears
 from llmprune.models.layers import context_length
 from llmprune.options import validated
 from llmprune.recover import lora
 from llmprune.recover.memory import check_recover_memory
 from llmprune.recover.options import RecoverOptions
 from llmprune.recover.task import LoraTask, MaskedFinetuneTask, recover_fingerprint
+from llmprune.train.stream import training_stream
+from llmprune.train.trainer import Trainer, check_resume
 
 
 @dataclass

@@ -26,7 +26,6 @@ from llmprune.data.sources import load_corpus
 from llmprune.errors import LLMPruneError
 from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import REPORT_FILE, save_pruned
-from llmprune.maskllm.trainer import checkpoint_dir
 from llmprune.masks import MaskSet
 from llmprune.pipeline import (
     Job,
@@ -42,6 +41,7 @@ from llmprune.pipeline import report as final_report
 from llmprune.recover import lora
 from llmprune.recover.api import merge_adapter, pruned_nonzero, recover, remask_result
 from llmprune.recover.options import RecoverOptions
+from llmprune.train.trainer import checkpoint_dir
 
 LOG_FILE = "train_log.jsonl"
 ADAPTER_DIR = "adapter"

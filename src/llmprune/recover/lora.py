@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import LLMPruneError
-from llmprune.maskllm.gumbel import masked_linears
+from llmprune.models.adapter import masked_linears
 
 
 def require_peft() -> None:

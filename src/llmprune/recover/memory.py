@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from llmprune.engine.memory import check_fits
-from llmprune.maskllm.gumbel import masked_linears
+from llmprune.models.adapter import masked_linears
 from llmprune.models.layers import decoder_layers
 from llmprune.recover.options import RecoverOptions
 

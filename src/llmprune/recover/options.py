@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llmprune.maskllm.trainer import TrainerOptions
 from llmprune.options import CommaList, NonNegativeFloat, PositiveFloat, PositiveInt
+from llmprune.train.trainer import TrainerOptions
 
 MODES = ("masked", "lora")
 DEFAULT_LR = {"masked": 5e-5, "lora": 1e-4}

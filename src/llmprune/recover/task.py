@@ -1,4 +1,4 @@
-"""Recovery as :class:`~llmprune.maskllm.trainer.TrainTask`\\ s: masked fine-tuning of the kept
+"""Recovery as :class:`~llmprune.train.trainer.TrainTask`\\ s: masked fine-tuning of the kept
 weights, and a LoRA adapter over the frozen sparse weights. The loop is MaskLLM's trainer."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from llmprune.maskllm.gumbel import masked_linears
+from llmprune.models.adapter import masked_linears
 
 
 def recover_fingerprint(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str) -> dict:

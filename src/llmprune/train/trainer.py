@@ -26,7 +26,8 @@ from pydantic import Field
 from torch import nn
 
 from llmprune.errors import LLMPruneError
-from llmprune.maskllm.checkpoint import (
+from llmprune.options import NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt
+from llmprune.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     optimizer_from_flat,
@@ -34,9 +35,8 @@ from llmprune.maskllm.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from llmprune.maskllm.schedule import cosine
-from llmprune.maskllm.stream import PackedStream, StreamState
-from llmprune.options import NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt
+from llmprune.train.schedule import cosine
+from llmprune.train.stream import PackedStream, StreamState
 
 LOG_FILE = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
