@@ -318,11 +318,16 @@ def test_eval_unwritable_json_fails_before_loading(tiny_dirs, tmp_path, capsys, 
 
 def test_eval_json_written_whole(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "r.json"
-    out.write_text("old")
     assert main(["eval", str(tiny_dirs["llama"]), *EVAL, "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["ppl"]["wikitext2"]["windows"] == 1
+    assert res["ppl"]["wikitext2"]["windows"] == 1 and res["kind"] == "eval"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+    capsys.readouterr()
+    # an earlier eval report is replaced only with --overwrite
+    assert "pass --overwrite" in one_line_error(capsys, main(["eval", str(tiny_dirs["llama"]), *EVAL, "--json", str(out)]))
+    out.write_text(json.dumps({**res, "sparsity": -1}))
+    assert main(["eval", str(tiny_dirs["llama"]), *EVAL, "--json", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["sparsity"] != -1
 
 
 @pytest.mark.parametrize("flag,expected", [([], False), (["--trust-remote-code"], True)])

@@ -1,16 +1,24 @@
-"""The ``llmprune`` command: prune, eval, report."""
+"""The ``llmprune`` command: prune, eval, report, ...
+
+Only the standard library is imported at module level: torch and transformers load inside
+:func:`main`, so a Ctrl-C while they import is the same one line as a Ctrl-C later.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from llmprune.errors import LLMPruneError, user_error
 
-from llmprune.chain.cli import add_run_parser, cmd_run
-from llmprune.config import PruneConfig
-from llmprune.errors import LLMPruneError
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from llmprune.config import PruneConfig
 
 
 def add_option_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
@@ -33,6 +41,8 @@ def add_option_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: t
 
 
 def _prune_parser(sub) -> None:
+    from llmprune.config import PruneConfig
+
     p = sub.add_parser("prune", help="prune a model layer by layer with calibration data",
                        argument_default=argparse.SUPPRESS)
     p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
@@ -45,6 +55,8 @@ def _prune_parser(sub) -> None:
 
 def prune_config_from_args(opts: dict) -> PruneConfig:
     """The recipe (if any) overridden by the flags given: one validated ``PruneConfig``."""
+    from llmprune.config import PruneConfig
+
     recipe = opts.pop("recipe", None)
     data = PruneConfig.load_recipe(recipe) if recipe else {}
     if opts.pop("no_update", False):
@@ -157,11 +169,16 @@ def _cmd_structured(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
 
     from llmprune.eval.zeroshot import TaskOptions, format_tasks
-    from llmprune.export.save import check_json_path, write_json
+    from llmprune.export.save import check_output_file, json_of_kind, write_json
+    from llmprune.models.loading import input_paths
     from llmprune.options import validated
-    from llmprune.pipeline import evaluate
+    from llmprune.pipeline import _versions, evaluate
 
-    out = check_json_path(args.json) if args.json else None
+    out = None
+    if args.json:
+        reads = [*input_paths(args.model), *(args.ppl or "").split(","), args.task_dir]
+        out = check_output_file(args.json, args.overwrite, [r for r in reads if r], flag="--json",
+                                what="an eval report", ours=json_of_kind("eval"))
     given = {k: v for k in TaskOptions.model_fields if (v := getattr(args, k, None)) is not None}
     tasks = validated(TaskOptions, given)  # bad values: one line, as for the other commands
     # Perplexity on WikiText-2 unless only tasks were asked for.
@@ -178,7 +195,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"sparsity of decoder linears: {sparsity:.4f}")
     if out is not None:
         tasks_part = {"tasks": task_results} if task_results is not None else {}
-        write_json(out, {"model": args.model, "sparsity": sparsity, "ppl": res, **tasks_part})  # atomic
+        write_json(out, {"kind": "eval", "versions": _versions(), "model": args.model, "sparsity": sparsity,
+                         "ppl": res, **tasks_part})  # atomic
     return 0
 
 
@@ -190,16 +208,19 @@ def _task_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from llmprune.report import layer_table, load_report, summary
+    from llmprune.report import layer_table, load_report, summary, unreadable
 
     report = load_report(args.dir)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        print(summary(report))
+        return 0
+    try:
+        text = summary(report)
         if report.get("kind") != "chain":  # a chain's layers are in its stages' own reports
-            print()
-            print(layer_table(report))
+            text += "\n\n" + layer_table(report)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise unreadable(args.dir, e) from None
+    print(text)
     return 0
 
 
@@ -209,7 +230,7 @@ def _masks_parser(sub) -> None:
     e = ms.add_parser("export", help="write the nonzero pattern of a (pruned) model's linears")
     e.add_argument("model", help="pruned directory, local HF dir, .gguf file or hub id")
     e.add_argument("--out", required=True, help="mask file to write, e.g. masks.npz")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    e.add_argument("--overwrite", action="store_true", help="replace a mask file llmprune wrote at --out")
     a = ms.add_parser("apply", help="zero a model's weights where a mask file prunes them; save it")
     a.add_argument("model", help="bundled name, local HF dir, .gguf file or hub id")
     a.add_argument("masks", help="mask file (.npz, MaskLLM layout)")
@@ -222,23 +243,27 @@ def _masks_parser(sub) -> None:
     i.add_argument("--pattern", help="check every mask: N:M (e.g. 2:4) or a sparsity (e.g. 0.5)")
     i.add_argument("--tol", type=float, default=0.01, help="tolerance of a sparsity check (default 0.01)")
     i.add_argument("--json", action="store_true", help="print the full result as JSON")
+    for q in (e, a, i):
+        q.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                       help="allow the model repository's own Python code (auto_map); only for code you trust")
 
 
 def _cmd_masks(args: argparse.Namespace) -> int:
     from llmprune.masks import commands
 
     if args.masks_command == "export":
-        res = commands.export_masks(args.model, args.out, args.overwrite)
+        res = commands.export_masks(args.model, args.out, args.overwrite, args.trust_remote_code)
         print(f"wrote {res['masks']} masks to {res['file']}: sparsity {res['sparsity']:.4f}"
               + (f", every mask {res['nm']}" if res["nm"] else ""))
         return 0
     if args.masks_command == "apply":
-        report = commands.apply_masks(args.model, args.masks, args.out, args.overwrite)
+        report = commands.apply_masks(args.model, args.masks, args.out, args.overwrite, args.trust_remote_code)
         shown = {**report, "masks": {k: v for k, v in report["masks"].items() if k != "per_key"}}
         print(json.dumps(shown, indent=2))
         print(f"saved to {args.out} (per-mask summary in {args.out}/pruning.json)", file=sys.stderr)
         return 0
-    res = commands.inspect_masks(args.masks, args.model, args.against, args.pattern, args.tol)
+    res = commands.inspect_masks(args.masks, args.model, args.against, args.pattern, args.tol,
+                                 args.trust_remote_code)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -251,7 +276,7 @@ def _cmd_masks(args: argparse.Namespace) -> int:
         else:
             line = f"{name}  {r['packed_bytes']} bytes  kept {r['kept']}  sparsity ~{r['sparsity_approx']:.4f}"
         if check:
-            line += f"  {check['target']}: {'FAIL ' + bad[name] if name in bad else 'ok' if check.get('ok') is not None else '?'}"
+            line += f"  {check['target']}: {'FAIL ' + bad[name] if name in bad else 'ok'}"
         if name in against:
             a = against[name]
             line += f"  agreement {a.get('agreement', a.get('agreement_approx')):.4f}"
@@ -261,13 +286,12 @@ def _cmd_masks(args: argparse.Namespace) -> int:
     else:
         print(f"{res['masks']} masks, sparsity ~{res['sparsity_approx']:.4f} (shapes unknown: pass --model)")
     if check:
-        print(f"check {check['target']}: " + (check["note"] if check.get("ok") is None else
-                                               "ok" if check["ok"] else f"{len(bad)} masks violate it"))
+        print(f"check {check['target']}: " + ("ok" if check["ok"] else f"{len(bad)} masks violate it"))
     if "against" in res:
         a = res["against"]
         agree = a.get("agreement", a.get("agreement_approx"))
         print(f"against {a['file']}: {a['common']} common masks, agreement {agree:.4f}, Hamming {a['hamming']}")
-    return 0 if check.get("ok") is not False else 1
+    return 0 if check.get("ok", True) else 1
 
 
 def _bench_speed_parser(sub) -> None:
@@ -278,19 +302,24 @@ def _bench_speed_parser(sub) -> None:
     p.add_argument("model", help="pruned directory, local HF dir, .gguf file or hub id")
     add_option_flags(p, SpeedOptions)
     p.add_argument("--json", help="also write the report to this JSON file (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a --json file an earlier 'llmprune bench-speed' wrote")
 
 
 def _cmd_bench_speed(args: argparse.Namespace) -> int:
-    from llmprune.export.save import check_json_path, write_json
+    from llmprune.export.save import check_output_file, json_of_kind, write_json
+    from llmprune.models.loading import input_paths
     from llmprune.options import validated
+    from llmprune.pipeline import _versions
     from llmprune.speed.bench import SpeedOptions, bench_speed, format_report
 
     opts = vars(args)
     opts.pop("command")
-    model, out = opts.pop("model"), opts.pop("json", None)
+    model, out, overwrite = opts.pop("model"), opts.pop("json", None), opts.pop("overwrite", False)
     options = validated(SpeedOptions, opts)  # bad values: one line, before the model loads
-    out = check_json_path(out) if out else None
-    report = bench_speed(model, options)
+    if out:
+        out = check_output_file(out, overwrite, input_paths(model), flag="--json", what="a speed report",
+                                ours=json_of_kind("speed"))
+    report = {"kind": "speed", "versions": _versions(), **bench_speed(model, options)}
     for line in format_report(report):
         print(line)
     if out is not None:
@@ -300,7 +329,9 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmprune", description=__doc__)
+    from llmprune.chain.cli import add_run_parser
+
+    parser = argparse.ArgumentParser(prog="llmprune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
     _maskllm_parser(sub)
@@ -315,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--overwrite", action="store_true", help="replace a --json file an earlier 'llmprune eval' wrote")
     e.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
                    help="run the model repository's own Python code (auto_map); only for code you trust")
     _task_flags(e)
@@ -328,20 +360,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _cmd_run(args: argparse.Namespace) -> int:
+    from llmprune.chain.cli import cmd_run
+
+    return cmd_run(args)
+
+
+@contextlib.contextmanager
+def _library_bars(show: bool):
+    """``-q`` also silences transformers' own bars (e.g. "Loading weights"), for this command only."""
+    if show:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        commands = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "structured": _cmd_structured,
-                    "recover": _cmd_recover, "bench-speed": _cmd_bench_speed, "run": cmd_run,
-                    "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}
-        return commands[args.command](args)
-    except LLMPruneError as e:
-        print(f"llmprune: error: {e}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+COMMANDS = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "structured": _cmd_structured,
+            "recover": _cmd_recover, "bench-speed": _cmd_bench_speed, "run": _cmd_run,
+            "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``llmprune`` command. Exit codes: 0 done, 1 a check failed (``masks inspect``), 2 a
+    one-line error, 130 interrupted (Ctrl-C), 141 the reader of our output went away (``| head``)."""
+    try:
+        args = build_parser().parse_args(argv)
+        with _library_bars(not getattr(args, "quiet", False)):
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         # what was being written is already removed (atomic output); no traceback for Ctrl-C
         print("llmprune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # e.g. `llmprune report DIR | head`: stop quietly; the interpreter's last flush must not
+        # raise again on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise  # not the user's input: a bug of ours, keep its traceback
+        print(f"llmprune: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -185,8 +185,10 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
     def to_dict(self) -> dict:
         return self.model_dump()
 
-    def to_yaml(self, path: str | Path | None = None, recipe_only: bool = False) -> str:
-        """The recipe as YAML; ``recipe_only`` leaves out where it was written (``out``)."""
+    def to_yaml(self, path: str | Path | None = None, recipe_only: bool = True) -> str:
+        """The recipe as YAML; ``recipe_only`` (the default) leaves out where it writes (``out``,
+        ``overwrite``): a recipe file that sets them is refused, so a shared recipe never decides
+        where output goes."""
         data = self.model_dump(exclude=set(NOT_IN_RECIPE) if recipe_only else None)
         text = yaml.safe_dump({"llmprune": data}, sort_keys=False, allow_unicode=True)
         if path is not None:
@@ -216,6 +218,10 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
         if "stages" in data:
             raise LLMPruneError(f"recipe {p} lists stages: it is a chained recipe; run it with "
                                 f"`llmprune run {p} --out DIR`")
+        for key in NOT_IN_RECIPE:
+            if data.get(key) not in (None, False):
+                raise LLMPruneError(f"recipe {p} sets {key!r}: where output goes is given on the command line "
+                                    f"(--{key}), never by a recipe; remove it from the file")
         return data
 
     @classmethod

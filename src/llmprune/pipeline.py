@@ -139,6 +139,8 @@ class Job:
     tokenizer: object = None
     ids: torch.Tensor | None = None  # (nsamples, seqlen) calibration windows
     progress: bool = True
+    # what the job writes (its report's ``kind``): an output of another kind is never replaced
+    kind: str = "prune"
     device: str = "cpu"
     needs: frozenset[str] = frozenset()  # statistics the method, solver and allocator read
     allocator: OWLAllocator | None = None
@@ -211,7 +213,7 @@ def check_run(job: Job) -> None:
         check_eval_args(ppl_seqlen(config), config.max_windows)
         job.eval_corpora = check_eval_data(config.ppl)
     if config.out:
-        check_output_dir(config.out, config.overwrite, job_inputs(job))
+        check_output_dir(config.out, config.overwrite, job_inputs(job), job.kind)
         job.cleanup.enter_context(output_lock(config.out))
     if isinstance(job.model, str | None):
         check_model_exists(config.model)
@@ -305,6 +307,7 @@ def build_report(job: Job) -> dict:
     config, model = job.config, job.model
     sparsity = measure_sparsity(model)
     return {
+        "kind": "prune",
         "versions": _versions(),
         "recipe": config.to_dict(),
         "model": {"name": config.model, "class": type(model).__name__,

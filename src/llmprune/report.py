@@ -3,19 +3,62 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from llmprune import jsonfile
 from llmprune.errors import LLMPruneError
 from llmprune.export.save import REPORT_FILE
 
 
 def load_report(path: str | Path) -> dict:
-    p = Path(path)
+    """The ``pruning.json`` of an output directory (or that file), or one line saying why not."""
+    p = Path(path).expanduser()
     f = p / REPORT_FILE if p.is_dir() else p
     if not f.is_file():
         raise LLMPruneError(f"no {REPORT_FILE} in {p}; is it a directory written by 'llmprune prune --out'?")
-    return json.loads(f.read_text())
+    try:
+        report = jsonfile.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise LLMPruneError(f"{f} is not valid JSON ({str(e).splitlines()[0]}); it was damaged or edited: "
+                            "re-run the job that wrote it") from None
+    if not isinstance(report, dict):
+        raise LLMPruneError(f"{f} holds a JSON {type(report).__name__}, not a llmprune report (an object)")
+    try:
+        ReportHeader.model_validate(report)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise LLMPruneError(f"{f}: field {'.'.join(map(str, err['loc']))!r} {err['msg'].lower()}; the report was "
+                            "edited or written by another version: re-run the job that wrote it") from None
+    return report
+
+
+class ReportHeader(BaseModel):
+    """The fields every kind's ``pruning.json`` shares, as readers rely on them (each optional:
+    older reports lack some). Checked whenever a report is read back."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    kind: str | None = None
+    versions: dict[str, str] | None = None
+    recipe: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    device: str | None = None
+    target: str | None = None
+    sparsity: float | int | None = None
+    timings: dict[str, float | int] | None = None
+    ppl: dict[str, dict[str, Any]] | None = None
+    peak_rss_mb: float | int | None = None
+    layers: list[dict[str, Any]] | None = None
+
+
+def unreadable(path: str | Path, e: BaseException) -> LLMPruneError:
+    """The one line for a report whose fields are not what this llmprune wrote (edited by hand,
+    or another version's): the field that failed, not a traceback."""
+    why = f"field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return LLMPruneError(f"{path}: {REPORT_FILE} is not a report this llmprune can read ({why}); it was edited "
+                         "or written by another version: re-run the job that wrote it")
 
 
 def format_ppl(ppl: dict) -> list[str]:

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
 from llmprune.chain import stages as stage_runners
 from llmprune.chain.recipe import (
     STAGES_DIR,
@@ -68,7 +70,25 @@ def _previous_state(out: Path) -> dict | None:
     if state.get("kind") != "chain":
         raise LLMPruneError(f"--out {out} holds a llmprune output of kind {state.get('kind', 'prune')!r}, "
                             "not a chained run; give another --out")
+    try:
+        TypeAdapter(list[_StageRecord]).validate_python(state.get("stages"))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise LLMPruneError(f"--out {out}: {REPORT_FILE} was edited or damaged (stages.{where}: {err['msg']}); "
+                            "give another --out") from None
     return state
+
+
+class _StageRecord(BaseModel):
+    """What the chain reads back from each stage record of an earlier run."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    index: int
+    kind: str
+    dir: str
+    status: str
+    hash: str | None = None
 
 
 def _finished(plan: StagePlan, record: dict | None) -> bool:
@@ -147,7 +167,7 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
     previous = _previous_state(out)
     files = [f for f in stage_runners.user_files(plans)  # the chain's own mask files are no inputs
              if not Path(f).expanduser().resolve().is_relative_to(out / STAGES_DIR)]
-    check_output_dir(out, overwrite=previous is not None, inputs=[recipe.model, *files])
+    check_output_dir(out, overwrite=previous is not None, inputs=[recipe.model, *files], kind="chain")
     stage_runners.preflight(plans)
     with output_lock(out):
         old = list((previous or {}).get("stages", []))

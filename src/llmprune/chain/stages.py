@@ -84,7 +84,7 @@ def run_eval(plan: StagePlan, progress: bool) -> None:
     report = {"kind": "eval", "model": {"name": c.model}, "sparsity": sparsity, "ppl": {"after": res},
               **({"tasks": {"after": tasks}} if tasks is not None else {})}
     recipe = yaml.safe_dump({"eval": c.model_dump(exclude=set(CHAIN_KEYS))}, sort_keys=False, allow_unicode=True)
-    with output_lock(c.out), atomic_dir(c.out, overwrite=True, inputs=[c.model]) as tmp:
+    with output_lock(c.out), atomic_dir(c.out, overwrite=True, inputs=[c.model], kind="eval") as tmp:
         (tmp / RECIPE_FILE).write_text(recipe)
         write_json(tmp / REPORT_FILE, report)
 
@@ -101,6 +101,44 @@ def user_files(plans: list[StagePlan]) -> list[str]:
     found = [getattr(p.config, k, None) for p in plans for k in keys]
     found += [name for p in plans for name in p.config.ppl]
     return [f for f in found if isinstance(f, str) and Path(f).expanduser().exists()]
+
+
+def stage_windows(plan: StagePlan) -> list[tuple[str, int]]:
+    """The token windows a stage will run through the model: ``(option, length)``."""
+    from llmprune.pipeline import make_allocator, ppl_seqlen
+    from llmprune.sparsity.methods import required_stats
+
+    c, kind = plan.config, plan.spec.kind
+    out = []
+    if kind == "eval":
+        if c.ppl or not c.tasks:
+            out.append(("ppl_seqlen", c.ppl_seqlen or 2048))
+        return out
+    reads = kind != "prune" or bool(required_stats(c.method, c.solver, c.recon_error)
+                                    or (make_allocator(c) and make_allocator(c).needs))
+    if reads:
+        out.append(("seqlen", c.seqlen))
+    if c.ppl:
+        out.append(("ppl_seqlen", ppl_seqlen(c)))
+    return out
+
+
+def check_windows(plans: list[StagePlan]) -> None:
+    """Every stage's windows against the model's context, read from its config before the first
+    stage runs (no stage changes the context): an eval stage at the end must not fail after
+    hours of the stages before it."""
+    from llmprune.models.layers import config_context_length
+    from llmprune.models.loading import load_config
+
+    first = plans[0].config
+    ctx = config_context_length(load_config(first.model, first.trust_remote_code))
+    if ctx is None:
+        return
+    for plan in plans:
+        for name, n in stage_windows(plan):
+            if n > ctx:
+                raise LLMPruneError(f"{plan.label}: {name} {n} is longer than the model's context ({ctx} "
+                                    f"tokens); use {name}: {ctx} or less")
 
 
 def preflight(plans: list[StagePlan]) -> None:
@@ -129,6 +167,7 @@ def preflight(plans: list[StagePlan]) -> None:
     first = plans[0].config
     once("device", lambda: check_device(first.resolved_device()), plans[0].label)
     once("model", lambda: check_model_exists(first.model), "recipe")
+    check_windows(plans)
     chain_files = {str(p.mask_file) for p in plans if p.mask_file}
     for plan in plans:
         c, kind, where = plan.config, plan.spec.kind, plan.label

@@ -13,6 +13,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmprune import jsonfile
 from llmprune.errors import LLMPruneError
 
 # Files under LLMPRUNE_DATA_DIR, in the layout of the public releases.
@@ -90,7 +91,7 @@ def _read_jsonl(p: Path, max_docs: int | None = None) -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = jsonfile.loads(line)
         except ValueError as e:
             why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
             raise LLMPruneError(f"{_where(p, lineno)}: not valid JSON ({why}); expected one "

@@ -60,6 +60,18 @@ class _Relay:
             self.cv.notify_all()
 
 
+def _join_all(workers: list[threading.Thread]) -> None:
+    """Wait for every worker, also through a second Ctrl-C. A worker left running inside torch
+    while the interpreter shuts down aborts the process (``terminate called without an active
+    exception``); told to stop, each one ends at its next linear."""
+    for t in workers:
+        while t.is_alive():
+            try:
+                t.join()
+            except KeyboardInterrupt:
+                continue
+
+
 @torch.no_grad()
 def prune_in_one_pass(layer: nn.Module, linears: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict,
                       stats: LayerStats, prune: Callable[[str], None], batch_size: int) -> list[str]:
@@ -80,6 +92,8 @@ def prune_in_one_pass(layer: nn.Module, linears: dict[str, nn.Linear], inps: tor
 
     def stop_at(name: str):
         def hook(_module, _args):
+            if relay.error is not None:  # stopping: no more solves, no more compute
+                raise _Aborted
             j, k = local.index, local.stops
             local.stops += 1
             if j == 0:
@@ -117,8 +131,9 @@ def prune_in_one_pass(layer: nn.Module, linears: dict[str, nn.Linear], inps: tor
         try:
             for t in workers:
                 t.join()
-        except BaseException as e:  # e.g. Ctrl-C in the caller: release the waiting workers
+        except BaseException as e:  # e.g. Ctrl-C in the caller: stop the workers, then go on
             relay.fail(e)
+            _join_all(workers)
             raise
     finally:
         for h in handles:

@@ -20,14 +20,16 @@ import functools
 import logging
 import math
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
-from pydantic import Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from llmprune.errors import LLMPruneError
@@ -44,7 +46,9 @@ class TaskOptions(Options):
     tasks: CommaList = Field(default_factory=list, description="zero-shot tasks through lm-eval "
                              "(pip install 'llmprune[eval]'), e.g. boolq,arc_easy,hellaswag")
     task_dir: str | None = Field(None, description="folder of your own lm-eval task YAMLs "
-                                 "(e.g. on local .jsonl files), added to the known tasks")
+                                 "(e.g. on local .jsonl files), added to the known tasks. A YAML's "
+                                 "'!function' runs that folder's Python (lm-eval's behaviour): only "
+                                 "point it at folders you trust")
     task_limit: PositiveInt | None = Field(None, description="score only the first K examples "
                                            "of each task (a quick look, not a reportable number)")
     task_batch_size: PositiveInt = Field(8, description="examples per forward in the zero-shot tasks")
@@ -70,6 +74,85 @@ def _manager(task_dir: str | None, defaults: bool) -> Any:
     return lm_eval.tasks.TaskManager(include_path=task_dir, include_defaults=defaults)
 
 
+OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until", "multiple_choice")
+
+
+class _FunctionTag(str):
+    """A ``!function module.name`` value of an lm-eval task YAML (code in the task folder)."""
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """The safe loader, plus lm-eval's ``!function`` tag read as a marker (nothing is imported)."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.construct_scalar(node)))
+
+
+class _TaskYaml(BaseModel):
+    """The keys of an lm-eval task YAML whose type lm-eval relies on (the rest pass through);
+    lm-eval itself skips a file it cannot parse without a word, so a typo would lose a task."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    task: str | list[str | dict[str, Any]] | None = None
+    dataset_path: str | None = None
+    dataset_name: str | None = None
+    dataset_kwargs: dict[str, Any] | None = None
+    training_split: str | None = None
+    validation_split: str | None = None
+    test_split: str | None = None
+    fewshot_split: str | None = None
+    num_fewshot: int | None = None
+    output_type: Literal[OUTPUT_TYPES] | None = None  # type: ignore[valid-type]
+    metric_list: list[dict[str, Any]] | None = None
+    generation_kwargs: dict[str, Any] | None = None
+    repeats: int | None = None
+    description: str | None = None
+    include: str | None = None
+
+
+def check_task_dir(task_dir: str) -> list[Path]:
+    """Read every task YAML under ``task_dir`` as lm-eval will, and refuse (one line, naming the
+    file) a syntax error or a key of the wrong type. Returns the files whose ``!function`` will run
+    the folder's own Python, which the caller announces."""
+    runs_code = []
+    for f in sorted([*Path(task_dir).rglob("*.yaml"), *Path(task_dir).rglob("*.yml")]):
+        try:
+            data = yaml.load(f.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)  # noqa: S506 -- safe loader
+        except (OSError, UnicodeDecodeError) as e:
+            raise LLMPruneError(f"--task-dir: {f} is unreadable ({e})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise LLMPruneError(f"--task-dir: {f} is not valid YAML{where} "
+                                f"({getattr(e, 'problem', None) or type(e).__name__})") from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise LLMPruneError(f"--task-dir: {f} holds a YAML {type(data).__name__}, not a task (a mapping of "
+                                "key: value)")
+        try:
+            _TaskYaml.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(x) for x in err["loc"][:1])
+            raise LLMPruneError(f"--task-dir: {f}: {key!r} {err['msg'].lower()} (got {type(data.get(key)).__name__})"
+                                ) from None
+        if any(isinstance(v, _FunctionTag) for v in _values(data)):
+            runs_code.append(f)
+    return runs_code
+
+
+def _values(data: Any):
+    if isinstance(data, dict):
+        for v in data.values():
+            yield from _values(v)
+    elif isinstance(data, list):
+        for v in data:
+            yield from _values(v)
+    else:
+        yield data
+
+
 def task_manager(names: list[str], task_dir: str | None = None) -> Any:
     """The manager that knows every name: ``task_dir``'s own when it holds them all (fast),
     else the built-ins plus ``task_dir``. Unknown names are one error, with a suggestion."""
@@ -78,6 +161,9 @@ def task_manager(names: list[str], task_dir: str | None = None) -> Any:
         if not d.is_dir():
             raise LLMPruneError(f"--task-dir {task_dir} is not a directory (a folder of lm-eval task YAMLs)")
         task_dir = str(d.resolve())
+        for f in check_task_dir(task_dir):
+            print(f"llmprune: note: {f} uses '!function': lm-eval will run Python code from {task_dir}",
+                  file=sys.stderr)
         local = _manager(task_dir, False)
         if all(n in local.all_tasks for n in names):
             return local

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmprune.errors import LLMPruneError
+from llmprune import jsonfile
+from llmprune.errors import LLMPruneError, is_no_space
 
 REPORT_FILE = "pruning.json"
 RECIPE_FILE = "recipe.yaml"
@@ -34,7 +35,7 @@ def _resolve(p: str | Path) -> Path:
 
 def _local_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """The inputs that are local files or dirs (hub ids and bundled names are not)."""
-    return [_resolve(p) for p in inputs if p is not None and Path(p).expanduser().exists()]
+    return [_resolve(p) for p in inputs if p and Path(p).expanduser().exists()]
 
 
 def current_umask() -> int:
@@ -63,13 +64,57 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+def report_kind(report: dict) -> str:
+    """The job kind a ``pruning.json`` records (reports written before kinds were recorded:
+    structured ones by their method, the rest are one-shot ``prune`` outputs)."""
+    kind = report.get("kind")
+    if isinstance(kind, str):
+        return kind
+    return "structured" if report.get("method") in ("osscar", "depth") else "prune"
+
+
+def output_kind(out: Path) -> str:
+    """The kind of the llmprune output in directory ``out`` (its ``pruning.json``), or an error
+    when that file cannot be read as one: such a directory is not known to be ours."""
+    try:
+        report = jsonfile.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LLMPruneError(f"--out {out} has a {REPORT_FILE} llmprune cannot read ({type(e).__name__}); it is "
+                            "never replaced. Give another --out") from None
+    if not isinstance(report, dict):
+        raise LLMPruneError(f"--out {out} has a {REPORT_FILE} that is not a llmprune report; it is never "
+                            "replaced. Give another --out")
+    return report_kind(report)
+
+
+def _check_not_an_input(out: Path, inputs: Iterable[str | Path], flag: str) -> None:
+    """``out`` may be neither an input, nor inside one, nor (when it would be replaced whole) hold one."""
+    for inp in _local_inputs(inputs):
+        if out == inp or out.is_relative_to(inp):
+            raise LLMPruneError(f"{flag} {out} is {'the input' if out == inp else 'inside the input'} {inp}; "
+                                f"saving there would replace it. Give a path outside it")
+        if inp.is_relative_to(out):
+            raise LLMPruneError(f"{flag} {out} contains the input {inp}; saving there would delete it. "
+                                f"Give a new directory")
+
+
+def _check_writable_parent(out: Path, flag: str) -> None:
+    anc = out.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise LLMPruneError(f"cannot write {flag} {out}: {anc} is not a writable directory")
+
+
+def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (),
+                     kind: str | None = None) -> None:
     """Refuse an ``out`` that saving there would harm; cheap, so call it before heavy work.
 
     Refused always: the current directory or one of its parents, a parent of an input, an input
     itself or a dir inside one, an existing non-directory, a non-empty directory that is not a
-    previous llmprune output (no ``pruning.json``), an ``out`` whose nearest existing ancestor
-    is not writable. Without ``overwrite`` also any non-empty directory.
+    previous llmprune output (no readable ``pruning.json``), an output of another ``kind`` than
+    the one being written (``None``: any llmprune output), an ``out`` whose nearest existing
+    ancestor is not writable. Without ``overwrite`` also any non-empty directory.
     """
     out = _resolve(out)
     cwd = Path.cwd().resolve()
@@ -77,13 +122,7 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Pa
         what = "the current directory" if out == cwd else f"a parent of the current directory {cwd}"
         raise LLMPruneError(f"--out {out} is {what}; saving there would replace it. "
                             f"Give a new directory, e.g. --out {cwd / 'pruned'}")
-    for inp in _local_inputs(inputs):
-        if out == inp or out.is_relative_to(inp):
-            raise LLMPruneError(f"--out {out} is {'the input' if out == inp else 'inside the input'} {inp}; "
-                                f"saving there would replace it. Give a directory outside it")
-        if inp.is_relative_to(out):
-            raise LLMPruneError(f"--out {out} contains the input {inp}; saving there would delete it. "
-                                f"Give a new directory")
+    _check_not_an_input(out, inputs, "--out")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise LLMPruneError(f"--out {out} exists and is not a directory; give a directory path")
@@ -92,14 +131,50 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Pa
                 raise LLMPruneError(f"--out {out} is a non-empty directory that llmprune did not write "
                                     f"(no {REPORT_FILE}); it is never replaced, even with --overwrite. "
                                     f"Give a new or empty directory")
+            theirs = output_kind(out)
+            if kind is not None and theirs != kind:
+                raise LLMPruneError(f"--out {out} holds a llmprune output of kind {theirs!r}; a {kind!r} output "
+                                    "never replaces it, even with --overwrite. Give another --out")
             if not overwrite:
                 raise LLMPruneError(f"--out {out} holds a previous llmprune output; pass --overwrite "
                                     f"to replace it, or choose another --out")
-    anc = out.parent
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
-        raise LLMPruneError(f"cannot write --out {out}: {anc} is not a writable directory")
+    _check_writable_parent(out, "--out")
+
+
+def json_of_kind(kind: str) -> Callable[[Path], bool]:
+    """A test for :func:`check_output_file`: ``path`` holds a JSON object llmprune wrote for ``kind``."""
+    def ours(path: Path) -> bool:
+        try:
+            data = jsonfile.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get("kind") == kind and "llmprune" in data.get("versions", {})
+    return ours
+
+
+def check_output_file(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (), *,
+                      flag: str = "--out", what: str = "a file", ours: Callable[[Path], bool]) -> Path:
+    """The guard of :func:`check_output_dir` for a single output file (a mask file, a JSON report).
+
+    Refused always: a directory, an input or a path inside one, an existing file that ``ours``
+    does not recognise as one llmprune wrote of this kind, an unwritable place. An existing file
+    of this kind is replaced only with ``overwrite``. Checked before any heavy work; nothing is
+    written here.
+    """
+    out = _resolve(path)
+    if out.is_dir():
+        raise LLMPruneError(f"{flag} {out} is a directory; give a file path")
+    _check_not_an_input(out, inputs, flag)
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_file() or not ours(out):
+            raise LLMPruneError(f"{flag} {out} exists and is not {what} llmprune wrote; it is never replaced, "
+                                f"even with --overwrite. Give a new file name")
+        if not overwrite:
+            raise LLMPruneError(f"{flag} {out} exists; pass --overwrite to replace it, or give another name")
+    if not out.parent.is_dir():
+        raise LLMPruneError(f"directory {out.parent} of {flag} {out.name} does not exist")
+    _check_writable_parent(out, flag)
+    return out
 
 
 # -- leftovers of killed runs ------------------------------------------------------------------
@@ -251,22 +326,46 @@ def _read_pid(fd: int) -> int | None:
 
 # -- writing ------------------------------------------------------------------------------------
 
+def follow_umask(root: Path) -> None:
+    """Give ``root`` and everything below it the modes ``mkdir`` / ``open`` would under the umask:
+    ``mkdtemp`` makes 0700 and safetensors writes 0600, unlike every other file we write."""
+    mask = current_umask()
+    for d, _dirs, names in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for n in names:
+            f = os.path.join(d, n)
+            if not os.path.islink(f):
+                os.chmod(f, 0o666 & ~mask)
+
+
+def _no_space(out: Path, e: BaseException) -> LLMPruneError:
+    return LLMPruneError(f"no space left on the device while writing {out}; nothing was replaced and the "
+                         "partial copy was removed. Free some space and run again")
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def atomic_dir(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (),
+               kind: str | None = None) -> Iterator[Path]:
     """Yield a temp dir beside ``out``; on success it becomes ``out``, on failure it vanishes.
 
-    The rules of :func:`check_output_dir` are enforced before and again at the rename. The temp
-    name carries our pid so that a later run can tell a killed run's leftovers.
+    The rules of :func:`check_output_dir` (for an output of ``kind``) are enforced before and
+    again at the rename. The temp name carries our pid so that a later run can tell a killed
+    run's leftovers. A full disk is one line, naming ``out``.
     """
     out = _resolve(out)
     inputs = list(inputs)
-    check_output_dir(out, overwrite, inputs)
+    check_output_dir(out, overwrite, inputs, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
-        yield tmp
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the output should look like mkdir's
-        check_output_dir(out, overwrite, inputs)  # again: the disk may have changed during the save
+        try:
+            yield tmp
+        except Exception as e:
+            if is_no_space(e):
+                raise _no_space(out, e) from e
+            raise
+        follow_umask(tmp)
+        check_output_dir(out, overwrite, inputs, kind)  # again: the disk may have changed during the save
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             os.replace(out, old)  # onto the empty dir we just made
@@ -296,8 +395,10 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_no_space(e):
+            raise _no_space(path, e) from e
         raise
 
 
@@ -330,7 +431,7 @@ def save_pruned(model, tokenizer, out: str | Path, report: dict, recipe_yaml: st
     if model is None:
         update_report(out, report)
         return Path(out)
-    with output_lock(out), atomic_dir(out, overwrite, inputs) as tmp:
+    with output_lock(out), atomic_dir(out, overwrite, inputs, report_kind(report)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -343,19 +444,3 @@ def save_pruned(model, tokenizer, out: str | Path, report: dict, recipe_yaml: st
                 (tmp / name).write_bytes(data)
         write_json(tmp / REPORT_FILE, report)
     return Path(out)
-
-
-def check_json_path(path: str | Path) -> Path:
-    """``--json`` as a path that can be written, checked before any heavy work (a failed run then
-    loses no hour of evaluation); nothing is left behind."""
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise LLMPruneError(f"--json {out} is a directory; give a file path")
-    existed = out.exists()
-    try:
-        out.open("a").close()
-    except OSError as e:
-        raise LLMPruneError(f"cannot write --json {out}: {e.strerror or e}") from None
-    if not existed:
-        out.unlink()
-    return out

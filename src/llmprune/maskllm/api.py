@@ -22,7 +22,7 @@ from llmprune.maskllm.gumbel import NoiseSource, attach_masks, check_divisible, 
 from llmprune.maskllm.memory import check_train_memory
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.maskllm.prior import apply_prior, check_prior, masked_shapes, oneshot_prior
-from llmprune.maskllm.task import MaskLLMTask, model_fingerprint
+from llmprune.maskllm.task import MaskLLMTask, model_fingerprint, prior_fingerprint
 from llmprune.models.layers import context_length
 from llmprune.options import validated
 from llmprune.train.stream import training_stream
@@ -41,7 +41,8 @@ class MaskLLMResult:
     report: dict = field(default_factory=dict)
 
 
-def validate(model: nn.Module, opts: MaskLLMOptions, prior, resume, world: int) -> tuple[int, int, Path | None]:
+def validate(model: nn.Module, opts: MaskLLMOptions, prior, resume, world: int,
+             fingerprint: dict) -> tuple[int, int, Path | None]:
     """Every check that needs no data pass: pattern, shapes, context, prior, resume directory."""
     n, m = parse_nm(opts.pattern)
     check_divisible(model, m, n)
@@ -56,7 +57,7 @@ def validate(model: nn.Module, opts: MaskLLMOptions, prior, resume, world: int) 
     check_train_memory(model, opts, n, m)
     ckpt = None
     if resume is not None:
-        ckpt = check_resume(resume, model_fingerprint(model, opts.pattern), opts, world)
+        ckpt = check_resume(resume, fingerprint, opts, world)
     return n, m, ckpt
 
 
@@ -77,9 +78,9 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
 
     opts = validated(MaskLLMOptions, {**(options.model_dump() if options else {}), **overrides})
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    n, m, ckpt = validate(model, opts, prior, resume, acc.num_processes)
+    fingerprint = model_fingerprint(model, opts.pattern, prior_fingerprint(prior, prior_options))
+    n, m, ckpt = validate(model, opts, prior, resume, acc.num_processes, fingerprint)
     stream, corpus = training_stream(opts.train_data, tokenizer, opts.seqlen, opts.seed, corpus)
-    fingerprint = model_fingerprint(model, opts.pattern)
 
     prior_name = prior if isinstance(prior, str) or prior is None else "masks"
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from llmprune.export.save import save_pruned
 from llmprune.maskllm.api import ONESHOT_PRIORS, maskllm
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.masks import MaskSet
+from llmprune.masks.files import read_packed
 from llmprune.options import PositiveInt
 from llmprune.pipeline import (
     Job,
@@ -38,7 +39,7 @@ from llmprune.pipeline import (
     report,
     run_stages,
 )
-from llmprune.train.trainer import checkpoint_dir
+from llmprune.train.trainer import check_resume_dir, checkpoint_dir
 
 MASK_FILE = "masks.npz"
 LOG_FILE = "train_log.jsonl"
@@ -58,11 +59,13 @@ class MaskLLMConfig(RunOptions, MaskLLMOptions):
 def validate(job: Job) -> None:
     config: MaskLLMConfig = job.config.validate()
     prior = config.prior
-    if prior not in (None, "none", *ONESHOT_PRIORS) and not Path(prior).expanduser().is_file():
-        raise LLMPruneError(f"prior {prior!r} is neither one of {', '.join(ONESHOT_PRIORS)}, none, "
-                            "nor an existing mask file")
-    if config.resume is not None and not Path(config.resume).expanduser().is_dir():
-        raise LLMPruneError(f"resume directory {config.resume} does not exist")
+    if prior not in (None, "none", *ONESHOT_PRIORS):
+        if not Path(prior).expanduser().is_file():
+            raise LLMPruneError(f"prior {prior!r} is neither one of {', '.join(ONESHOT_PRIORS)}, none, "
+                                "nor an existing mask file")
+        read_packed(prior)  # a damaged file: one line now; names and shapes once the model is loaded
+    if config.resume is not None:
+        check_resume_dir(config.resume)
     job.data_files = [config.train_data, *([prior] if prior and Path(prior).is_file() else [])]
     job.extra["corpus"] = load_corpus(config.train_data, "train")  # decoded before the model loads
     check_run(job)
@@ -74,7 +77,7 @@ def learn(job: Job) -> None:
     prior: Any = None if config.prior in (None, "none") else config.prior
     if prior not in (None, *ONESHOT_PRIORS):
         prior = dict(MaskSet.load(prior, job.model))  # names and shapes checked against the model
-    work = Path(config.resume) if config.resume else checkpoint_dir(config.out)
+    work = Path(config.resume).expanduser().resolve() if config.resume else checkpoint_dir(config.out)
     result = maskllm(job.model, job.tokenizer, MaskLLMOptions.pick(config), prior=prior,
                      prior_options={"nsamples": config.prior_nsamples}, corpus=job.extra["corpus"],
                      work_dir=work, resume=config.resume, progress=job.progress)
@@ -110,4 +113,4 @@ MASKLLM = (validate, load, evaluate_stage("before"), learn, save, evaluate_stage
 
 def run_maskllm(config: MaskLLMConfig, model=None, tokenizer=None, progress: bool = True) -> Job:
     """Run a MaskLLM job (``model`` may be given loaded, with its ``tokenizer``)."""
-    return run_stages(Job(config, model, tokenizer, progress=progress), MASKLLM)
+    return run_stages(Job(config, model, kind="maskllm", tokenizer=tokenizer, progress=progress), MASKLLM)

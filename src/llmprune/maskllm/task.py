@@ -15,13 +15,29 @@ from llmprune.maskllm.schedule import MaskSchedule
 from llmprune.models.adapter import masked_linears
 
 
-def model_fingerprint(model: nn.Module, pattern: str) -> dict:
-    """What identifies a MaskLLM run's model: the pattern, the masked weights' names and shapes,
-    and a checksum of the first masked weight's first row (tells same-shaped models apart)."""
+def prior_fingerprint(prior, prior_options: dict | None = None) -> str:
+    """What identifies a run's prior: ``none``, a one-shot method with its options, or a checksum
+    of a mask dict (a resume with another prior would continue the old one's logits)."""
+    if prior is None or prior == "none":
+        return "none"
+    if isinstance(prior, str):
+        return prior + (f" {json.dumps(prior_options, sort_keys=True)}" if prior_options else "")
+    h = hashlib.sha256()
+    for name in sorted(prior):
+        h.update(name.encode())
+        h.update(torch.as_tensor(prior[name]).bool().cpu().numpy().tobytes())
+    return f"masks sha256:{h.hexdigest()[:16]}"
+
+
+def model_fingerprint(model: nn.Module, pattern: str, prior: str = "none") -> dict:
+    """What identifies a MaskLLM run's model: the pattern, the prior (:func:`prior_fingerprint`),
+    the masked weights' names and shapes, and a checksum of the first masked weight's first row
+    (tells same-shaped models apart)."""
     linears = masked_linears(model)
     shapes = {f"{k}.weight": list(v.weight.shape) for k, v in linears.items()}
     first = next(iter(linears.values())).weight.detach()[0].float().cpu().numpy().tobytes()
     return {"pattern": pattern,
+            "prior": prior,
             "class": type(model).__name__,
             "shapes": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
             "weights": hashlib.sha256(first).hexdigest()[:16]}

@@ -18,23 +18,29 @@ def _is_gguf(name_or_path: str) -> bool:
     return p.is_file() and p.suffix == ".gguf"
 
 
-def model_shapes(name_or_path: str) -> dict[str, tuple[int, ...]]:
+def model_shapes(name_or_path: str, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a model from its config alone: built on the meta device, no weights
     read (a ``.gguf`` file has no separate config, so it is loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from llmprune.models.loading import check_model_exists, load_model, model_source
+    from llmprune.models.loading import check_model_exists, load_config, load_model
 
     check_model_exists(name_or_path)
     if _is_gguf(name_or_path):
         return param_shapes(load_model(name_or_path)[0])
-    try:
-        config = AutoConfig.from_pretrained(model_source(name_or_path))
-    except (OSError, ValueError) as e:
-        raise LLMPruneError(f"could not read the config of model {name_or_path!r}: {e}") from e
+    config = load_config(name_or_path, trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return param_shapes(model)
+
+
+def is_mask_file(path: Path) -> bool:
+    """Whether ``path`` is a mask file (MaskLLM layout) that :func:`files.read_packed` accepts."""
+    try:
+        files.read_packed(path)
+    except LLMPruneError:
+        return False
+    return True
 
 
 def parse_target(pattern: str) -> Target:
@@ -47,43 +53,37 @@ def parse_target(pattern: str) -> Target:
         raise LLMPruneError(f"pattern {pattern!r} is neither N:M (e.g. 2:4) nor a sparsity (e.g. 0.5)") from None
 
 
-def export_masks(model: str, out: str | Path, overwrite: bool = False) -> dict:
+def export_masks(model: str, out: str | Path, overwrite: bool = False, trust_remote_code: bool = False) -> dict:
     """Write the nonzero pattern of ``model``'s prunable linears to ``out`` (MaskLLM layout)."""
-    from llmprune.models.loading import check_model_exists, load_model
+    from llmprune.export.save import check_output_file
+    from llmprune.models.loading import check_model_exists, input_paths, load_model
 
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise LLMPruneError(f"--out {out} is a directory; give a file name such as masks.npz")
-    if out.exists() and not overwrite:
-        raise LLMPruneError(f"{out} exists; pass --overwrite to replace it")
-    if Path(model).expanduser().exists() and out.resolve() == Path(model).expanduser().resolve():
-        raise LLMPruneError(f"--out {out} is the input model; give another file name")
-    if not out.parent.is_dir():
-        raise LLMPruneError(f"directory {out.parent} of --out does not exist")
+    out = check_output_file(out, overwrite, input_paths(model), what="a mask file", ours=is_mask_file)
     check_model_exists(model)
-    masks = MaskSet.from_model(load_model(model)[0])
+    masks = MaskSet.from_model(load_model(model, trust_remote_code=trust_remote_code, need_tokenizer=False)[0])
     masks.save(out)
     return {"file": str(out), **masks.summary()}
 
 
-def apply_masks(model: str, masks: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def apply_masks(model: str, masks: str | Path, out: str | Path, overwrite: bool = False,
+                trust_remote_code: bool = False) -> dict:
     """Load ``model``, zero what ``masks`` prunes, save a plain HF dir at ``out``; the report."""
     from llmprune.eval.sparsity import measure_sparsity
     from llmprune.export.save import check_output_dir, output_lock, save_pruned
-    from llmprune.models.loading import load_model
+    from llmprune.models.loading import input_paths, load_model
 
-    check_output_dir(out, overwrite, inputs=[model, masks])
+    check_output_dir(out, overwrite, inputs=[*input_paths(model), masks], kind="masks")
     packed = files.read_packed(masks)
     with output_lock(out):
         if not _is_gguf(model):  # names and sizes checked on the meta model, before loading weights
-            files.unpack(packed, model_shapes(model), source=str(masks))
-        loaded, tok = load_model(model)
+            files.unpack(packed, model_shapes(model, trust_remote_code), source=str(masks))
+        loaded, tok = load_model(model, trust_remote_code=trust_remote_code)
         maskset = MaskSet(files.unpack(packed, param_shapes(loaded), source=str(masks)))
         maskset.apply(loaded)
         report = {"kind": "masks", "model": {"name": model, "class": type(loaded).__name__},
                   "masks": {"file": str(masks), **maskset.summary()},
                   "sparsity": measure_sparsity(loaded)["overall"]}
-        save_pruned(loaded, tok, out, report, overwrite=overwrite, inputs=[model, masks])
+        save_pruned(loaded, tok, out, report, overwrite=overwrite, inputs=[*input_paths(model), masks])
     return report
 
 
@@ -105,13 +105,17 @@ def _packed_compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
 
 
 def inspect_masks(path: str | Path, model: str | None = None, against: str | Path | None = None,
-                  pattern: str | None = None, tol: float = 0.01) -> dict:
+                  pattern: str | None = None, tol: float = 0.01, trust_remote_code: bool = False) -> dict:
     """Summary of a mask file; with ``pattern`` a per-mask check, with ``against`` the agreement.
 
     Shapes come from ``model``'s config; without it only what the packed bits say is reported
-    (kept counts, sparsity out of 8 x bytes), and an N:M check is not possible.
+    (kept counts, sparsity out of 8 x bytes), and an N:M check is refused up front (it needs
+    each weight's in-features).
     """
     target = parse_target(pattern) if pattern else None
+    if target is not None and target.is_nm and model is None:
+        raise LLMPruneError(f"checking --pattern {pattern} needs each weight's in-features: pass --model "
+                            "(its config is read, not its weights)")
     packed = files.read_packed(path)
     other = files.read_packed(against) if against is not None else None
     if model is None:
@@ -120,17 +124,14 @@ def inspect_masks(path: str | Path, model: str | None = None, against: str | Pat
         bound = sum(s["numel_max"] for s in stats.values())
         res = {"file": str(path), "shapes_known": False, "masks": len(stats), "kept": kept,
                "numel_max": bound, "sparsity_approx": 1 - kept / bound if bound else 0.0, "per_key": stats}
-        if target is not None and target.is_nm:
-            res["check"] = {"target": str(target), "ok": None,
-                            "note": "an N:M check needs each weight's in-features: pass --model"}
-        elif target is not None:
+        if target is not None:
             bad = {n: f"sparsity about {s['sparsity_approx']:.4f}, not {target.sparsity:g} ± {tol:g}"
                    for n, s in stats.items() if abs(s["sparsity_approx"] - target.sparsity) > tol}
             res["check"] = {"target": str(target), "ok": not bad, "violations": bad, "approx": True}
         if other is not None:
             res["against"] = {"file": str(against), **_packed_compare(packed, other)}
         return res
-    shapes = model_shapes(model)
+    shapes = model_shapes(model, trust_remote_code)
     masks = MaskSet(files.unpack(packed, shapes, source=str(path)))
     res = {"file": str(path), "shapes_known": True, "model": model, **masks.summary()}
     if target is not None:

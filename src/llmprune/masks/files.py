@@ -49,12 +49,19 @@ def read_packed(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise LLMPruneError(f"mask file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise LLMPruneError(f"{path} is a single .npy array, not a .npz mask file (one key per weight)")
+    # numpy guesses a pickle for anything that is neither zip nor .npy: never let it try
+    if not zipfile.is_zipfile(path):
+        what = "empty" if not head else "truncated or not a zip archive" if head.startswith(b"PK") else "not a zip archive"
+        raise LLMPruneError(f"{path} is not a .npz mask file ({what}); give a mask file written by "
+                            "'llmprune masks export' or MaskLLM")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise LLMPruneError(f"{path} is not a .npz mask file: {e}") from e
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise LLMPruneError(f"{path} is a single .npy array, not a .npz mask file (one key per weight)")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise LLMPruneError(f"{path} is not a readable .npz mask file ({type(e).__name__})") from e
     out = {}
     with archive:
         for key in archive.files:

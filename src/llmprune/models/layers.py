@@ -7,12 +7,17 @@ from torch import nn
 
 from llmprune.models.adapter import decoder_layers, linear_layers
 
-__all__ = ["context_length", "decoder_layers", "linear_layers"]
+__all__ = ["config_context_length", "context_length", "decoder_layers", "linear_layers"]
 
 
 def context_length(model: nn.Module) -> int | None:
     """The longest sequence the model was configured for, if the config says."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config_context_length(model.config)
+
+
+def config_context_length(config) -> int | None:
+    """:func:`context_length` from a ``PretrainedConfig`` alone (no weights needed)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         v = getattr(config, key, None)
         if isinstance(v, int) and v > 0:

@@ -8,15 +8,17 @@ loads take a second instead of converting 272 tensors again.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import pickle
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from llmprune import jsonfile
 from llmprune.errors import LLMPruneError
 
 BUNDLED = {
@@ -65,8 +67,10 @@ def _pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # A GGUF file carries no Python code: nothing to trust, and nothing may prompt for it.
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                 trust_remote_code=False)
     # The weights are now dequantised; a leftover GGUF quantization_config would make
     # save_pretrained write a config that plain transformers refuses to load.
     if hasattr(model.config, "quantization_config"):
@@ -96,6 +100,16 @@ def _bundled_dir(name: str) -> Path:
     return target
 
 
+def input_paths(name_or_path: str | None) -> list[str]:
+    """The local files a model argument reads (for output guards): the path itself, or a bundled
+    model's GGUF file and converted directory; nothing is converted or downloaded here."""
+    if name_or_path is None:
+        return []
+    if name_or_path in BUNDLED:
+        return [str(cache_dir() / name_or_path)]
+    return [name_or_path]
+
+
 def model_source(name_or_path: str) -> str:
     """What ``load_model`` would read: a bundled name's cached dir, a path, or a hub id."""
     if name_or_path in BUNDLED:
@@ -119,6 +133,27 @@ def check_model_exists(name_or_path: str) -> None:
             f"model {name_or_path!r} not found: no such file or directory. Pass a local HF "
             f"directory, a .gguf file, a hub id (org/name) or one of: {', '.join(BUNDLED)}"
         )
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's ``PretrainedConfig`` without its weights, by the same checks as :func:`load_model`:
+    an architecture this transformers knows, or custom code only with ``trust_remote_code`` (passed
+    on explicitly, so transformers never asks on the terminal)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    check_model_exists(name_or_path)
+    src = model_source(name_or_path)
+    if Path(src).expanduser().is_dir():
+        check_config(name_or_path, _read_config(Path(src).expanduser()), trust_remote_code)
+    try:
+        if not _is_local(src):
+            check_config(name_or_path, PretrainedConfig.get_config_dict(src)[0], trust_remote_code)
+        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if isinstance(e, LLMPruneError):
+            raise
+        raise LLMPruneError(f"could not read the config of model {name_or_path!r}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 
 
 def _is_local(name_or_path: str) -> bool:
@@ -158,7 +193,7 @@ def check_config(name: str, config: dict, trust_remote_code: bool) -> None:
 
 def _read_config(d: Path) -> dict:
     try:
-        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        config = jsonfile.loads((d / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise LLMPruneError(f"{d / 'config.json'} is not valid JSON ({e}); re-download or re-save the model") from None
     if not isinstance(config, dict):
@@ -182,7 +217,7 @@ def check_safetensors(path: Path) -> None:
         if n > size - 8:
             raise LLMPruneError(f"{path} is truncated or corrupt (header of {n} bytes, file of {size}); {fix}")
         try:
-            header = json.loads(f.read(n))
+            header = jsonfile.loads(f.read(n))
             ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise LLMPruneError(f"{path} is corrupt (its header is not valid safetensors JSON); {fix}") from None
@@ -196,7 +231,7 @@ def check_weights(d: Path) -> None:
     index = d / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shards = sorted(set(jsonfile.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise LLMPruneError(f"{index} is not a valid safetensors index; re-download or re-save the model") from None
         for shard in shards:
@@ -290,9 +325,15 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype 
 
                 check_config(name_or_path, PretrainedConfig.get_config_dict(src)[0], trust_remote_code)
             tok = _load_tokenizer(src, name_or_path, need_tokenizer, trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            )
+            with warnings.catch_warnings():  # torch's note on a pickled checkpoint's protocol
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                model = AutoModelForCausalLM.from_pretrained(
+                    src, dtype=torch_dtype, trust_remote_code=trust_remote_code
+                )
+        except pickle.UnpicklingError as e:
+            raise LLMPruneError(f"refused to load the pickled weights of {name_or_path!r}: they hold objects "
+                                "other than plain tensors (torch weights_only). Only convert a checkpoint you "
+                                "trust, to safetensors") from e
         except OSError as e:
             raise LLMPruneError(
                 f"could not load model {name_or_path!r}: {str(e).strip().splitlines()[0].rstrip('.')}. Check the "

@@ -23,10 +23,10 @@ from pydantic import Field
 
 from llmprune.config import RunOptions
 from llmprune.data.sources import load_corpus
-from llmprune.errors import LLMPruneError
 from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import REPORT_FILE, save_pruned
 from llmprune.masks import MaskSet
+from llmprune.masks.files import read_packed
 from llmprune.pipeline import (
     Job,
     _versions,
@@ -41,7 +41,8 @@ from llmprune.pipeline import report as final_report
 from llmprune.recover import lora
 from llmprune.recover.api import merge_adapter, pruned_nonzero, recover, remask_result
 from llmprune.recover.options import RecoverOptions
-from llmprune.train.trainer import checkpoint_dir
+from llmprune.report import load_report
+from llmprune.train.trainer import check_resume_dir, checkpoint_dir
 
 LOG_FILE = "train_log.jsonl"
 ADAPTER_DIR = "adapter"
@@ -61,10 +62,7 @@ def input_report(model: str) -> dict | None:
     path = Path(model).expanduser() / REPORT_FILE
     if not path.is_file():
         return None
-    try:
-        r = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"file": str(path), "readable": False}
+    r = load_report(path)
     recipe = r.get("recipe") or {}
     return {"kind": r.get("kind", "prune"), "target": r.get("target"), "sparsity": r.get("sparsity"),
             "method": recipe.get("method") if isinstance(recipe, dict) else None}
@@ -74,10 +72,10 @@ def validate(job: Job) -> None:
     config: RecoverConfig = job.config.validate()
     if config.mode == "lora":
         lora.require_peft()
-    if config.masks is not None and not Path(config.masks).expanduser().is_file():
-        raise LLMPruneError(f"mask file {config.masks} does not exist")
-    if config.resume is not None and not Path(config.resume).expanduser().is_dir():
-        raise LLMPruneError(f"resume directory {config.resume} does not exist")
+    if config.masks is not None:
+        read_packed(config.masks)  # a damaged file: one line now; names and shapes once the model is loaded
+    if config.resume is not None:
+        check_resume_dir(config.resume)
     job.data_files = [config.train_data, *([config.masks] if config.masks else [])]
     job.extra["corpus"] = load_corpus(config.train_data, "train")  # decoded before the model loads
     job.extra["input"] = input_report(config.model) if isinstance(job.model, str | None) else None
@@ -88,7 +86,7 @@ def train(job: Job) -> None:
     """Masked fine-tuning or LoRA training; a LoRA adapter stays unmerged for the next stages."""
     config: RecoverConfig = job.config
     masks = dict(MaskSet.load(config.masks, job.model)) if config.masks else None
-    work = Path(config.resume) if config.resume else checkpoint_dir(config.out)
+    work = Path(config.resume).expanduser().resolve() if config.resume else checkpoint_dir(config.out)
     result = recover(job.model, job.tokenizer, RecoverOptions.pick(config), masks=masks,
                      corpus=job.extra["corpus"], work_dir=work, resume=config.resume, finish=False,
                      progress=job.progress)
@@ -195,4 +193,4 @@ def recover_stages(config: RecoverConfig) -> tuple:
 
 def run_recover(config: RecoverConfig, model=None, tokenizer=None, progress: bool = True) -> Job:
     """Run a recovery job (``model`` may be given loaded, with its ``tokenizer``)."""
-    return run_stages(Job(config, model, tokenizer, progress=progress), recover_stages(config))
+    return run_stages(Job(config, model, kind="recover", tokenizer=tokenizer, progress=progress), recover_stages(config))

@@ -75,7 +75,7 @@ def prune(job: Job) -> None:
                         device=job.device, progress=job.progress)
     job.report = result.report
     job.report.pop("timings")  # the job's own stage timings stand for these
-    job.report.update(model={"name": config.model, "class": type(job.model).__name__}, device=job.device,
+    job.report.update(kind="structured", model={"name": config.model, "class": type(job.model).__name__}, device=job.device,
                       ppl=job.ppl, speed=job.extra.setdefault("speed", {}), timings=job.timings)
 
 
@@ -102,5 +102,5 @@ def structured_job(model: str | nn.Module, config: StructuredConfig | dict | Non
     if isinstance(model, str):
         overrides["model"] = model
     cfg = StructuredConfig(**{**data, **overrides})
-    job = run_stages(Job(cfg, model, tokenizer, ids, progress), STRUCTURED)
+    job = run_stages(Job(cfg, model, kind="structured", tokenizer=tokenizer, ids=ids, progress=progress), STRUCTURED)
     return StructuredResult(job.model, job.report)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmprune import jsonfile
 from llmprune.errors import LLMPruneError
+from llmprune.export.save import follow_umask
+from llmprune.models.loading import check_safetensors
 
 TENSORS, META, LATEST = "state.safetensors", "state.json", "latest"
 
@@ -38,6 +42,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor
         (tmp / META).write_text(json.dumps(meta, indent=1))
         for f in (TENSORS, META):
             _fsync(tmp / f)
+        follow_umask(tmp)  # safetensors writes 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -59,12 +64,20 @@ def latest_checkpoint(root: str | Path) -> Path:
     or ``root`` itself when it is a checkpoint."""
     root = Path(root).expanduser()
     if (root / TENSORS).is_file() and (root / META).is_file():
+        check_safetensors(root / TENSORS)
         return root
     for cand in (root, root / "checkpoints"):
         pointer = cand / LATEST
         if pointer.is_file():
-            path = cand / pointer.read_text().strip()
+            try:
+                name = pointer.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                name = ""
+            if not re.fullmatch(r"step-\d{8}", name):  # never a path out of the checkpoint folder
+                raise LLMPruneError(f"{pointer} does not name a checkpoint (step-NNNNNNNN); it is damaged")
+            path = cand / name
             if (path / TENSORS).is_file() and (path / META).is_file():
+                check_safetensors(path / TENSORS)
                 return path
             raise LLMPruneError(f"{pointer} names {path.name}, which is incomplete or missing")
     raise LLMPruneError(f"{root} holds no MaskLLM checkpoint (no {LATEST} file in it or in {root / 'checkpoints'})")
@@ -73,9 +86,13 @@ def latest_checkpoint(root: str | Path) -> Path:
 def read_meta(path: str | Path) -> dict:
     """The JSON half of a checkpoint directory (cheap: for checks before any heavy work)."""
     try:
-        return json.loads((Path(path) / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LLMPruneError(f"cannot read checkpoint {path}: {e}") from e
+        meta = jsonfile.loads((Path(path) / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LLMPruneError(f"cannot read checkpoint {path}: {META} is not valid JSON ({type(e).__name__})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint", {}), dict) \
+            or not isinstance(meta.get("options", {}), dict):
+        raise LLMPruneError(f"cannot read checkpoint {path}: {META} is not a checkpoint record; it is damaged")
+    return meta
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

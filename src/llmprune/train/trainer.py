@@ -123,6 +123,16 @@ def run_options(opts: Options, world: int) -> dict:
     return d
 
 
+def check_resume_dir(path: str | Path) -> Path:
+    """The checkpoint a ``--resume`` directory holds, read as far as can be without the model
+    (pointer, JSON record, safetensors header): a damaged one is one line before anything loads."""
+    if not Path(path).expanduser().is_dir():
+        raise LLMPruneError(f"resume directory {path} does not exist")
+    ckpt = latest_checkpoint(path)
+    read_meta(ckpt)
+    return ckpt
+
+
 def check_resume(path: str | Path, fingerprint: dict, opts: Options, world: int = 1) -> Path:
     """The checkpoint to resume from ``path``, refused (one line) if it is from another model,
     pattern or recipe. Reads only the JSON: call it before any heavy work."""
@@ -131,8 +141,9 @@ def check_resume(path: str | Path, fingerprint: dict, opts: Options, world: int 
     theirs, ours = meta.get("fingerprint", {}), fingerprint
     for key in ours:
         if theirs.get(key) != ours[key]:
-            what = {"pattern": f"pattern {theirs.get(key)}, not {ours[key]}"}.get(
-                key, f"another model ({key} differs)")
+            what = {"pattern": f"pattern {theirs.get(key)}, not {ours[key]}",
+                    "prior": f"prior {theirs.get(key)!r}, not {ours[key]!r} (resume with the run's own prior, "
+                             "or start a new run)"}.get(key, f"another model ({key} differs)")
             raise LLMPruneError(f"resume directory {path} was written for {what}")
     mine = run_options(opts, world)
     for key, value in meta.get("options", {}).items():
