@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import llmprune
     from llmprune.eval.sparsity import measure_sparsity
-    from llmprune.pipeline import peak_rss_mb
+    from llmprune.jobs.header import peak_rss_mb
 
     torch.set_num_threads(2)
     result: dict = {"tool": args.tool, "method": args.method, "setting": args.setting,

@@ -16,6 +16,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def data_dir() -> Path | None:
     d = os.environ.get("LLMPRUNE_DATA_DIR")
     if d and Path(d).is_dir():
@@ -144,3 +154,42 @@ def family_model(name: str, layers: int = 4, seed: int = 0):
     model.eval()
     model.config.use_cache = False
     return model
+
+
+# ---- the tripwire: fail the moment heavy work starts --------------------------------------------
+def _arm(monkeypatch, weights: bool) -> None:
+    """Every entry to heavy work raises: reading model weights (``weights``), a calibration layer
+    walk (pruning, OSSCAR, OWL's statistics, a one-shot prior), MaskLLM's learnable masks, a LoRA
+    adapter, tokenising the training stream, training."""
+    import llmprune.recover.lora as lora
+    from llmprune.engine.sequential import LayerWalk
+    from llmprune.maskllm.gumbel import LearnableNMMask
+    from llmprune.train.stream import PackedStream
+    from llmprune.train.trainer import Trainer
+
+    def wire(what: str):
+        def boom(*a, **k):
+            raise AssertionError(f"heavy work started ({what}) before the input was refused")
+        return boom
+
+    if weights:
+        from transformers import AutoModelForCausalLM
+
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", wire("model weights read"))
+    monkeypatch.setattr(LayerWalk, "__init__", wire("a layer walk"))
+    monkeypatch.setattr(LearnableNMMask, "__init__", wire("MaskLLM masks built"))
+    monkeypatch.setattr(lora, "wrap_lora", wire("a LoRA adapter"))
+    monkeypatch.setattr(PackedStream, "__init__", wire("the training stream tokenised"))
+    monkeypatch.setattr(Trainer, "__init__", wire("training"))
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Bad input must be refused before any heavy work, reading the model's weights included."""
+    _arm(monkeypatch, weights=True)
+
+
+@pytest.fixture
+def no_pruning(monkeypatch):
+    """Bad input that needs the loaded model must be refused before any work beyond loading it."""
+    _arm(monkeypatch, weights=False)

@@ -38,24 +38,6 @@ def one_line_error(capsys, rc: int) -> str:
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(pipeline, "load_model", boom)
-
-
-@pytest.fixture
-def no_weights_read(monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    def boom(*a, **k):
-        raise AssertionError("weights were read before the files were checked")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", boom)
-
-
-@pytest.fixture
 def model_copy(tiny_dirs, tmp_path):
     d = tmp_path / "model"
     shutil.copytree(tiny_dirs["llama"], d)
@@ -65,7 +47,7 @@ def model_copy(tiny_dirs, tmp_path):
 # ---- 1. loading ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keep,phrase", [(0.5, "is truncated"), (0, "is empty"), (5, "truncated")])
-def test_truncated_or_empty_safetensors(model_copy, keep, phrase, capsys, no_weights_read):
+def test_truncated_or_empty_safetensors(model_copy, keep, phrase, capsys, no_heavy_work):
     st = model_copy / "model.safetensors"
     data = st.read_bytes()
     st.write_bytes(data[: int(len(data) * keep)] if keep < 1 else data[:keep])
@@ -73,7 +55,7 @@ def test_truncated_or_empty_safetensors(model_copy, keep, phrase, capsys, no_wei
     assert phrase in line and "model.safetensors" in line and "re-download" in line
 
 
-def test_corrupt_safetensors_header(model_copy, capsys, no_weights_read):
+def test_corrupt_safetensors_header(model_copy, capsys, no_heavy_work):
     st = model_copy / "model.safetensors"
     data = bytearray(st.read_bytes())
     data[8:12] = b"\xff\xfe{{"
@@ -124,7 +106,7 @@ def _edit_config(d, **changes):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
-def test_unknown_architecture(model_copy, capsys, no_weights_read):
+def test_unknown_architecture(model_copy, capsys, no_heavy_work):
     import transformers
 
     _edit_config(model_copy, model_type="brandnewlm", architectures=["BrandNewLMForCausalLM"])
@@ -133,7 +115,7 @@ def test_unknown_architecture(model_copy, capsys, no_weights_read):
     assert "trust-remote-code" not in line  # no custom code to trust: the flag would not help
 
 
-def test_custom_code_needs_the_flag(model_copy, capsys, no_weights_read, monkeypatch):
+def test_custom_code_needs_the_flag(model_copy, capsys, no_heavy_work, monkeypatch):
     # transformers would ask "Do you wish to run the custom code? [y/N]" on a terminal.
     _edit_config(model_copy, model_type="brandnewlm",
                  auto_map={"AutoModelForCausalLM": "modeling_brand.BrandForCausalLM"})
@@ -141,12 +123,12 @@ def test_custom_code_needs_the_flag(model_copy, capsys, no_weights_read, monkeyp
     assert "pass --trust-remote-code" in line and "auto_map" in line
 
 
-def test_config_that_is_not_json(model_copy, capsys, no_weights_read):
+def test_config_that_is_not_json(model_copy, capsys, no_heavy_work):
     (model_copy / "config.json").write_text("{not json")
     assert "not valid JSON" in one_line_error(capsys, main(["eval", str(model_copy), *EVAL]))
 
 
-def test_model_dir_without_weights(model_copy, capsys, no_weights_read):
+def test_model_dir_without_weights(model_copy, capsys, no_heavy_work):
     (model_copy / "model.safetensors").unlink()
     assert "has no weights" in one_line_error(capsys, main(["eval", str(model_copy), *EVAL]))
 
@@ -193,7 +175,7 @@ def test_bad_data_file(tmp_path, name, content, where, phrase):
 
 
 @pytest.mark.parametrize("name,content,where,phrase", BAD_FILES[:7], ids=[b[0] for b in BAD_FILES[:7]])
-def test_bad_eval_file_fails_before_the_model_loads(tiny_dirs, tmp_path, capsys, no_model_load,
+def test_bad_eval_file_fails_before_the_model_loads(tiny_dirs, tmp_path, capsys, no_heavy_work,
                                                     name, content, where, phrase):
     p = tmp_path / name
     p.write_bytes(content)
@@ -292,7 +274,7 @@ def test_per_window_loss_equals_batch_formula(tokenizer, dtype):
     (["--device", "cuda:99"], "cuda:99"),
     (["--device", "tpu-ish"], "unknown device"),
 ])
-def test_eval_bad_options_fail_before_loading(tiny_dirs, args, phrase, capsys, tmp_path, no_model_load):
+def test_eval_bad_options_fail_before_loading(tiny_dirs, args, phrase, capsys, tmp_path, no_heavy_work):
     out = tmp_path / "r.json"
     line = one_line_error(capsys, main(["eval", str(tiny_dirs["llama"]), "-q", *args, "--json", str(out)]))
     assert phrase in line
@@ -300,7 +282,7 @@ def test_eval_bad_options_fail_before_loading(tiny_dirs, args, phrase, capsys, t
 
 
 @pytest.mark.parametrize("where", ["missing_dir", "is_dir", "read_only"])
-def test_eval_unwritable_json_fails_before_loading(tiny_dirs, tmp_path, capsys, no_model_load, where):
+def test_eval_unwritable_json_fails_before_loading(tiny_dirs, tmp_path, capsys, no_heavy_work, where):
     import os
 
     target = {"missing_dir": tmp_path / "no" / "such" / "r.json", "is_dir": tmp_path}.get(where)

@@ -304,3 +304,28 @@ def test_cli_pretend_h200_refuses_a_dense_model_in_one_line(tiny_dirs, capsys, m
     assert main(["bench-speed", str(tiny_dirs["llama"]), *FAST]) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar
     assert last.startswith("llmprune: error: model.layers.0.self_attn.q_proj is not 2:4 sparse")
+
+
+@pytest.mark.parametrize("stub,expect", [
+    ({"__init__.py": "__version__ = '0.18.0'\n"}, False),  # torchao.sparsity deleted (pytorch/ao #4728)
+    ({"__init__.py": "", "sparsity/__init__.py": "def sparsify_(m, c, filter_fn=None): pass\n"}, False),
+    ({"__init__.py": "", "sparsity/__init__.py": "def sparsify_(m, c, filter_fn=None): pass\n"
+                                                  "def semi_sparse_weight(): pass\n"}, True),
+])
+def test_a_torchao_without_its_2_4_path_falls_back_to_torch_core(tmp_path, monkeypatch, stub, expect):
+    import sys
+
+    for name, text in stub.items():
+        f = tmp_path / "torchao" / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for mod in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    assert sparse24.torchao_available() is expect
+    assert sparse24.choose_backend("auto") == ("torchao" if expect else "torch")
+    if not expect:
+        with pytest.raises(LLMPruneError, match="has no 2:4 path .*use --backend torch"):
+            sparse24.choose_backend("torchao")
+    for mod in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        del sys.modules[mod]  # the stub must not outlive the test

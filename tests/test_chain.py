@@ -88,7 +88,7 @@ def test_chain_runs_end_to_end_and_the_final_dir_is_plain_and_2_4(finished, tiny
     capsys.readouterr()
     assert main(["run", str(out / "recipe.yaml"), "--out", str(out), "-q"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("kept (finished before)") == 4 and "final model in" in printed
+    assert "this run: ran stages none, kept [1, 2, 3, 4] (finished before)" in printed and "final model in" in printed
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "stage 3 recover (stages/03-recover): done" in printed and "final model: final/ (from 03-recover)" in printed
@@ -196,7 +196,7 @@ def test_a_changed_finished_stage_is_refused_or_rerun_from_there(finished, tmp_p
     assert any(not torch.equal(w, weights(out / "final")[n]) for n, w in weights(ref / "final").items())
     # a shorter recipe is a change too: refused, then its dropped stage's directory goes
     changed["stages"].pop()
-    changed["stages"].append({"structured": {"method": "depth", "layers": 1}})
+    changed["stages"].append({"recover": {"mode": "masked", "lr": 1e-2, **TRAIN}})
     with pytest.raises(LLMPruneError, match=r"stage 4 \(eval\) differs"):
         run_chain(write(path, changed), out, progress=False)
     changed["stages"].pop()
@@ -265,22 +265,34 @@ def test_a_stage_killed_mid_training_resumes_from_its_checkpoint(finished, tmp_p
 
 def test_structured_stage_is_a_new_dense_base(tiny_dirs, tmp_path):
     recipe = load_recipe({"model": str(tiny_dirs["llama"]), "stages": [
-        {"prune": {"method": "magnitude", "pattern": "2:4"}},
         {"structured": {"method": "depth", "layers": 1}},
+        {"prune": {"method": "magnitude", "pattern": "2:4"}},
         {"maskllm": {"steps": 2}},
         {"maskllm": {"steps": 2, "prior": "none"}},
         "eval"]})
     plans = plan_stages(recipe, tmp_path)
-    prune, depth, learn, again, ev = plans
-    assert depth.config.model == str(prune.dir)
-    assert learn.config.model == str(depth.dir) and learn.config.prior == "sparsegpt"  # old masks no longer fit
+    depth, prune, learn, again, ev = plans
+    assert prune.config.model == str(depth.dir) and depth.pattern is None and prune.pattern == "2:4"
+    assert learn.config.model == str(depth.dir) and learn.config.prior == str(prune.mask_file)  # the dense base
     assert again.config.model == str(depth.dir) and again.config.prior == "none"
-    assert ev.config.model == str(again.dir) and ev.config.ppl == []
+    assert ev.config.model == str(again.dir) and ev.config.ppl == [] and ev.pattern == "2:4"
     assert len({p.hash for p in plans}) == 5
     # a change to one stage changes its hash and those after it, not those before
-    recipe.stages[1].options["layers"] = 2
+    recipe.stages[1].options["pattern"] = "4:8"
     changed = plan_stages(recipe, tmp_path / "elsewhere")
-    assert changed[0].hash == prune.hash and all(a.hash != b.hash for a, b in zip(plans[1:], changed[1:], strict=True))
+    assert changed[0].hash == depth.hash and all(a.hash != b.hash for a, b in zip(plans[1:], changed[1:], strict=True))
+
+
+@pytest.mark.parametrize("stage,phrase", [
+    ({"structured": {"method": "depth", "layers": 1}}, "structured pruning would not keep"),
+    ({"structured": {"method": "osscar", "ratio": 0.25}}, "structured pruning would not keep"),
+    ({"recover": {"mode": "lora", "keep_adapter": True}}, "keep_adapter leaves the 2:4 base"),
+])
+def test_a_stage_that_would_make_a_sparse_input_dense_is_refused(tiny_dirs, tmp_path, stage, phrase):
+    recipe = load_recipe({"model": str(tiny_dirs["llama"]), "stages": [
+        {"prune": {"method": "magnitude", "pattern": "2:4"}}, stage]})
+    with pytest.raises(LLMPruneError, match=rf"stage 2 \({next(iter(stage))}\): .*{phrase}"):
+        plan_stages(recipe, tmp_path)
 
 
 def test_lora_recovery_stage_gives_a_plain_2_4_final_dir(tiny_dirs, shared_data, tmp_path):

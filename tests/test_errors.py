@@ -6,23 +6,6 @@ import llmprune.pipeline as pipeline
 from llmprune.cli import main
 
 
-@pytest.fixture
-def no_heavy_work(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("heavy work started before the input was validated")
-
-    monkeypatch.setattr(pipeline, "load_model", boom)
-    monkeypatch.setattr(pipeline, "run_sequential", boom)
-
-
-@pytest.fixture
-def no_pruning(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("pruning started before the input was validated")
-
-    monkeypatch.setattr(pipeline, "run_sequential", boom)
-
-
 def run_err(args, capsys, tmp_path):
     out = tmp_path / "out"
     rc = main(["prune", *args, "--out", str(out), "-q"])

@@ -318,18 +318,6 @@ def test_interrupted_checkpoint_write_is_ignored(tokenizer, corpus, tmp_path):
 
 
 # --- bad input -----------------------------------------------------------------------------------
-@pytest.fixture
-def no_training(monkeypatch):
-    import llmprune.maskllm.api as api
-
-    def boom(*a, **k):
-        raise AssertionError("heavy work started before the input was validated")
-
-    monkeypatch.setattr(api, "attach_masks", boom)
-    monkeypatch.setattr(api, "oneshot_prior", boom)
-    monkeypatch.setattr(api, "training_stream", boom)
-
-
 @pytest.mark.parametrize("kw,msg", [
     (dict(pattern="0.5"), "not N:M"),
     (dict(pattern="unstructured"), "not N:M"),
@@ -342,14 +330,14 @@ def no_training(monkeypatch):
     (dict(bogus=1), "unknown option 'bogus'"),
     (dict(prior="owl"), "not one of sparsegpt"),
 ])
-def test_bad_input_refused_before_work(tokenizer, no_training, kw, msg):
+def test_bad_input_refused_before_work(tokenizer, no_pruning, kw, msg):
     model = tiny_model()
     with pytest.raises(LLMPruneError, match=msg):
         maskllm(model, tokenizer, **{**FAST, **kw})
     assert not any("parametrizations" in n for n, _ in model.named_parameters())
 
 
-def test_bad_prior_dict_names_the_first_bad_key(tokenizer, no_training):
+def test_bad_prior_dict_names_the_first_bad_key(tokenizer, no_pruning):
     model = tiny_model()
     shapes = {n: p.shape for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
     prior = {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
@@ -363,7 +351,7 @@ def test_bad_prior_dict_names_the_first_bad_key(tokenizer, no_training):
         maskllm(model, tokenizer, prior={**prior, "lm_head.weight": torch.ones(512, 64)}, **FAST)
 
 
-def test_resume_from_another_model_pattern_or_recipe_is_refused(tokenizer, corpus, tmp_path, no_training):
+def test_resume_from_another_model_pattern_or_recipe_is_refused(tokenizer, corpus, tmp_path, no_pruning):
     import llmprune.maskllm.api as api
     from llmprune.train.stream import training_stream
 
@@ -418,6 +406,7 @@ def _torchrun(nproc: int, args: list[str], tmp: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_two_process_run_equals_one_process(tiny_dirs, shared_data, tmp_path):
@@ -483,7 +472,7 @@ def test_packed_stream_joins_documents_with_eos_and_resumes(tokenizer):
     assert first.shape == (3, 16) and first.flatten().tolist() == expect[:48]  # packed, no padding
 
 
-def test_training_that_cannot_fit_is_refused_with_numbers(tokenizer, no_training, monkeypatch):
+def test_training_that_cannot_fit_is_refused_with_numbers(tokenizer, no_pruning, monkeypatch):
     import llmprune.maskllm.memory as memory
 
     monkeypatch.setattr("llmprune.engine.memory.available_bytes", lambda device: 2**20)

@@ -10,7 +10,8 @@ from torch import nn
 import llmprune
 import llmprune.engine.memory as memory
 import llmprune.engine.sequential as seq
-from llmprune.cli import build_parser, prune_config_from_args
+from llmprune.cli import build_parser
+from llmprune.config import prune_config_from_flags
 from llmprune.engine.capture import capture_inputs
 from llmprune.engine.onepass import prune_in_one_pass
 from llmprune.engine.sequential import LayerPlan, prune_group, run_layer, run_sequential
@@ -204,7 +205,7 @@ def _estimates():
 
 def test_the_default_prunes_true_sequentially_when_its_activations_fit(monkeypatch, tokenizer):
     res = _prune_with_free_memory(monkeypatch, tokenizer, None)  # free memory unknown: nothing limits
-    assert res.report["recipe"]["true_sequential"] is None
+    assert res.report["recipe"]["true_sequential"] is True  # the recipe records what the run chose
     assert res.report["mode"] == "true-sequential"
     assert all(e["true_sequential"] for e in res.report["layers"])
     assert "true-sequential mode" in summary(res.report)
@@ -215,9 +216,37 @@ def test_the_default_falls_back_to_exact_when_memory_is_short(monkeypatch, token
     free = held / AUTO_TRUE_SEQUENTIAL_SHARE - 1  # the exact mode fits, the held activations do not
     assert exact <= 0.9 * free
     res = _prune_with_free_memory(monkeypatch, tokenizer, free)
-    assert res.report["mode"] == "exact"
+    assert res.report["mode"] == "exact" and res.report["recipe"]["true_sequential"] is False
     assert not any(e["true_sequential"] for e in res.report["layers"])
     assert "pruning in the exact two-pass mode" in capsys.readouterr().err
+
+
+def test_a_saved_recipe_reproduces_an_automatic_run_where_memory_would_choose_otherwise(
+        monkeypatch, tiny_dirs, tmp_path, capsys):
+    """The automatic mode is resolved at run time; recipe.yaml must hold what was resolved."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.cli import main
+
+    exact, held = _estimates()
+    args = ["--method", "wanda", "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "32", "-q"]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)  # plenty: true-sequential
+    assert main(["prune", str(tiny_dirs["llama"]), *args, "--out", str(tmp_path / "a")]) == 0
+    recipe = (tmp_path / "a" / "recipe.yaml").read_text()
+    assert "true_sequential: true" in recipe and "device: cpu" in recipe and "dtype: float32" in recipe
+    # where the automatic mode would now choose the exact mode, the recipe still runs true-sequentially
+    free = held / AUTO_TRUE_SEQUENTIAL_SHARE - 1
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    capsys.readouterr()
+    assert main(["prune", "--recipe", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "-q"]) == 0
+    assert "exact two-pass mode" not in capsys.readouterr().err
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # while a fresh automatic run there takes the other mode, and other weights
+    assert main(["prune", str(tiny_dirs["llama"]), *args, "--out", str(tmp_path / "c")]) == 0
+    c = AutoModelForCausalLM.from_pretrained(tmp_path / "c").state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_explicit_modes_are_kept_or_refused(monkeypatch, tokenizer):
@@ -234,4 +263,4 @@ def test_cli_switches_the_mode_both_ways():
     for flags, expected in (([], None), (["--true-sequential"], True), (["--no-true-sequential"], False)):
         opts = vars(parser.parse_args(["prune", "m", "--sparsity", "0.5", *flags]))
         del opts["command"]
-        assert prune_config_from_args(opts).true_sequential is expected
+        assert prune_config_from_flags(opts).true_sequential is expected

@@ -15,7 +15,7 @@ from llmprune.sparsity.sparsegpt import SparseGPTOptions
 
 
 @pytest.mark.parametrize("recipe,msg", [
-    ("overwrite: 'no'", "overwrite: input should be a valid boolean (got 'no')"),
+    ("recon_error: 'no'", "recon_error: input should be a valid boolean (got 'no')"),
     ("percdamp: x", "percdamp: input should be a valid number"),
     ("method: [wanda, sparsegpt]", "method: input should be a valid string"),
     ("model: 123", "model: input should be a valid string (got 123)"),
@@ -64,11 +64,11 @@ def test_every_option_has_its_flag_and_help():
         assert name in flags, name
         if name != "model":
             assert f.description and f.description in flags[name].help
-    # the owners' declarations are the config's: one default, one place
-    assert PruneConfig.model_fields["percdamp"] is not None
+    # the owners' declarations are the config's: one default, one description, one place
     for owner in (SparseGPTOptions, ADMMOptions, OWLOptions):
         for name, f in owner.model_fields.items():
-            assert PruneConfig.model_fields[name].default == f.default
+            mine = PruneConfig.model_fields[name]
+            assert (mine.default, mine.description, mine.annotation) == (f.default, f.description, f.annotation), name
 
 
 def test_options_reach_the_method_typed(monkeypatch):

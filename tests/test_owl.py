@@ -11,6 +11,7 @@ from llmprune import PruneConfig, prune
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
 from llmprune.models.layers import decoder_layers, linear_layers
+from llmprune.pipeline import fixed_targets
 from llmprune.report import format_allocation, summary
 from llmprune.sparsity import allocation
 from llmprune.sparsity.allocation import (
@@ -214,8 +215,11 @@ def test_config_rejects_bad_allocation(kw, match):
 
 
 def test_config_accepts_explicit_without_global_target():
-    PruneConfig(allocation="explicit", sparsity=None, layer_ratios=[0.4, 0.6]).validate()
-    PruneConfig(allocation="owl", pattern="5:8", owl_lambda=0.125).validate()
+    explicit = PruneConfig(allocation="explicit", sparsity=None, layer_ratios=[0.4, 0.6]).validate()
+    assert not explicit.has_target and explicit.layer_ratios == [0.4, 0.6]
+    assert fixed_targets(explicit, 2) == [Target.unstructured(0.4), Target.unstructured(0.6)]
+    owl = PruneConfig(allocation="owl", pattern="5:8", owl_lambda=0.125).validate()
+    assert owl.target == Target.nm(5, 8) and owl.owl_lambda == 0.125 and fixed_targets(owl, 2) is None
 
 
 def test_explicit_length_checked_before_pruning():

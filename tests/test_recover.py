@@ -162,18 +162,6 @@ def test_resume_with_another_mode_or_mask_is_refused(tokenizer, corpus, tmp_path
 
 
 # --- bad input -----------------------------------------------------------------------------------
-@pytest.fixture
-def no_training(monkeypatch):
-    import llmprune.recover.api as api
-
-    def boom(*a, **k):
-        raise AssertionError("heavy work started before the input was validated")
-
-    monkeypatch.setattr(api, "Trainer", boom)
-    monkeypatch.setattr(api, "training_stream", boom)
-    monkeypatch.setattr(api.lora, "wrap_lora", boom)
-
-
 @pytest.mark.parametrize("kw,msg", [
     (dict(mode="masked", lora_rank=4), "--lora-rank only applies to --mode lora"),
     (dict(keep_adapter=True), "--keep-adapter only applies to --mode lora"),
@@ -186,12 +174,12 @@ def no_training(monkeypatch):
     (dict(seqlen=4096), "longer than the model's context"),
     (dict(masks={"lm_head.weight": torch.ones(512, 64, dtype=torch.bool)}), "names no decoder linear"),
 ])
-def test_bad_input_refused_before_work(tokenizer, no_training, kw, msg):
+def test_bad_input_refused_before_work(tokenizer, no_pruning, kw, msg):
     with pytest.raises(LLMPruneError, match=msg.replace("(", r"\(")):
         recover(pruned_tiny(), tokenizer, **{**FAST, **kw})
 
 
-def test_lora_without_peft_is_one_line(tokenizer, no_training, monkeypatch):
+def test_lora_without_peft_is_one_line(tokenizer, no_pruning, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
@@ -237,6 +225,7 @@ save_file(state, f"{out}/{mode}-rank{acc.process_index}-of-{acc.num_processes}.s
 '''
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 @pytest.mark.parametrize("mode", ["masked", "lora"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llmprune
+import llmprune.jobs.context as context
 import llmprune.pipeline as pipeline
 from llmprune.cli import main
 from llmprune.config import PruneConfig
@@ -52,7 +53,7 @@ def test_memory_estimate_refuses_what_will_not_fit(tiny_dirs, capsys, monkeypatc
 
 def test_saved_before_the_final_evaluation(tiny_dirs, monkeypatch, tmp_path):
     calls = []
-    real = pipeline.evaluate_ppl
+    real = context.evaluate_ppl
 
     def flaky(*a, **k):
         calls.append(1)
@@ -60,7 +61,7 @@ def test_saved_before_the_final_evaluation(tiny_dirs, monkeypatch, tmp_path):
             raise RuntimeError("out of memory during evaluation")
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "evaluate_ppl", flaky)
+    monkeypatch.setattr(context, "evaluate_ppl", flaky)
     out = tmp_path / "o"
     with pytest.raises(RuntimeError, match="out of memory"):
         llmprune.prune(str(tiny_dirs["llama"]), PruneConfig(sparsity=0.5, nsamples=2, seqlen=16,

@@ -13,12 +13,10 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from llmprune.errors import LLMPruneError, user_error
+from llmprune.errors import user_error
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
-
-    from llmprune.config import PruneConfig
 
 
 def add_option_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
@@ -40,129 +38,31 @@ def add_option_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: t
             p.add_argument(flag, dest=name, metavar=name.upper(), help=(f.description or "") + shown)
 
 
-def _prune_parser(sub) -> None:
-    from llmprune.config import PruneConfig
-
-    p = sub.add_parser("prune", help="prune a model layer by layer with calibration data",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
-    p.add_argument("--recipe", help="YAML recipe (or a pruned directory holding recipe.yaml); flags given here override it")
-    p.add_argument("--no-update", dest="no_update", action="store_true",
-                   help="keep the original weights under the mask (SparseGPT mask-only); same as --solver none")
-    add_option_flags(p, PruneConfig, skip=("model",))
+def _job_parser(sub, kind) -> None:
+    """A job kind's command: its config's flags (``--calib`` also names ``--train-data``), plus
+    whatever flags the kind adds."""
+    p = sub.add_parser(kind.name, help=kind.command, argument_default=argparse.SUPPRESS)
+    p.add_argument("model", nargs="?", help=kind.model_help)
+    if "train_data" in kind.config.model_fields:
+        p.add_argument("--calib", dest="train_data", help="same as --train-data")
+    if kind.add_flags is not None:
+        kind.add_flags(p)
+    add_option_flags(p, kind.config, skip=("model",))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def prune_config_from_args(opts: dict) -> PruneConfig:
-    """The recipe (if any) overridden by the flags given: one validated ``PruneConfig``."""
-    from llmprune.config import PruneConfig
-
-    recipe = opts.pop("recipe", None)
-    data = PruneConfig.load_recipe(recipe) if recipe else {}
-    if opts.pop("no_update", False):
-        if opts.get("solver", "none") != "none":
-            raise LLMPruneError(f"--no-update keeps the original weights, but --solver {opts['solver']} "
-                                "updates them; drop one")
-        opts["solver"] = "none"
-    if "pattern" in opts and "sparsity" not in opts:
-        data.pop("sparsity", None)  # an N:M pattern on the command line replaces a recipe's ratio
-    if "sparsity" in opts and "pattern" not in opts:
-        data.pop("pattern", None)
-    return PruneConfig.from_dict({**data, **opts})
-
-
-def _cmd_prune(args: argparse.Namespace) -> int:
-    from llmprune.pipeline import prune
+def _cmd_job(args: argparse.Namespace) -> int:
+    """Run one job of a registered kind from its flags; print its summary."""
+    from llmprune.jobs import registry
     from llmprune.report import summary
 
     opts = vars(args)
-    opts.pop("command")
+    kind = registry.get(opts.pop("command"))
     quiet = opts.pop("quiet", False)
-    config = prune_config_from_args(opts)
-    result = prune(config=config, progress=not quiet)
-    print(summary(result.report))
+    config = kind.from_flags(opts) if kind.from_flags is not None else kind.config(**opts)
+    print(summary(kind.run(config, not quiet)))
     if config.out:
-        print(f"saved to {config.out} (report: {config.out}/pruning.json)")
-    return 0
-
-
-def _training_parser(sub, name: str, config_cls: type, help: str, model_help: str) -> None:
-    """A training command (maskllm, recover): flags from its config, ``--calib`` = ``--train-data``."""
-    p = sub.add_parser(name, help=help, argument_default=argparse.SUPPRESS)
-    p.add_argument("model", nargs="?", help=model_help)
-    p.add_argument("--calib", dest="train_data", help="same as --train-data")
-    add_option_flags(p, config_cls, skip=("model",))
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-
-def _maskllm_parser(sub) -> None:
-    from llmprune.maskllm.job import MaskLLMConfig
-
-    _training_parser(sub, "maskllm", MaskLLMConfig, "learn N:M masks end to end (MaskLLM) and apply them",
-                     "bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
-
-
-def _recover_parser(sub) -> None:
-    from llmprune.recover.job import RecoverConfig
-
-    _training_parser(sub, "recover", RecoverConfig,
-                     "fine-tune a pruned model with its mask fixed (masked or LoRA)",
-                     "pruned directory (its zeros are the mask), local HF dir, .gguf file or hub id")
-
-
-def _run_training(args: argparse.Namespace, config_cls: type, run, saved: str) -> int:
-    from llmprune.report import summary
-
-    opts = vars(args)
-    opts.pop("command")
-    quiet = opts.pop("quiet", False)
-    config = config_cls(**opts)
-    job = run(config, progress=not quiet)
-    print(summary(job.report))
-    if config.out:
-        print(f"saved to {config.out} ({saved.format(out=config.out)})")
-    return 0
-
-
-def _cmd_maskllm(args: argparse.Namespace) -> int:
-    from llmprune.maskllm.job import MaskLLMConfig, run_maskllm
-
-    return _run_training(args, MaskLLMConfig, run_maskllm, "masks: {out}/masks.npz, report: {out}/pruning.json")
-
-
-def _cmd_recover(args: argparse.Namespace) -> int:
-    from llmprune.recover.job import RecoverConfig, run_recover
-
-    return _run_training(args, RecoverConfig, run_recover, "report: {out}/pruning.json")
-
-
-def _structured_parser(sub) -> None:
-    from llmprune.structured.job import StructuredConfig
-
-    p = sub.add_parser("structured", help="make the model physically smaller: OSSCAR MLP width or depth",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
-    add_option_flags(p, StructuredConfig, skip=("model",))
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-
-def _cmd_structured(args: argparse.Namespace) -> int:
-    from llmprune.structured.job import structured_job
-
-    opts = vars(args)
-    opts.pop("command")
-    quiet = opts.pop("quiet", False)
-    report = structured_job(opts.pop("model", "smollm2-135m"), progress=not quiet, **opts).report
-    params = report["params"]
-    print(f"{report['method']}: parameters {params['before']:,} -> {params['after']:,} "
-          f"({100 * params['removed_share']:.2f}% removed)")
-    for name, r in report["ppl"].get("after", {}).items():
-        print(f"  PPL {r['label']}: {report['ppl']['before'][name]['ppl']:.3f} -> {r['ppl']:.3f}")
-    speed = report.get("speed") or {}
-    if "decode_speedup" in speed:
-        print(f"  CPU decode x{speed['decode_speedup']:.2f}, prefill x{speed['prefill_speedup']:.2f}")
-    if opts.get("out"):
-        print(f"saved to {opts['out']} (report: {opts['out']}/pruning.json)")
+        print(f"saved to {config.out} ({kind.saved_note.format(out=config.out)})")
     return 0
 
 
@@ -172,7 +72,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from llmprune.export.save import check_output_file, json_of_kind, write_json
     from llmprune.models.loading import input_paths
     from llmprune.options import validated
-    from llmprune.pipeline import _versions, evaluate
+    from llmprune.jobs.header import versions
+    from llmprune.pipeline import evaluate
 
     out = None
     if args.json:
@@ -195,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"sparsity of decoder linears: {sparsity:.4f}")
     if out is not None:
         tasks_part = {"tasks": task_results} if task_results is not None else {}
-        write_json(out, {"kind": "eval", "versions": _versions(), "model": args.model, "sparsity": sparsity,
+        write_json(out, {"kind": "eval", "versions": versions(), "model": args.model, "sparsity": sparsity,
                          "ppl": res, **tasks_part})  # atomic
     return 0
 
@@ -208,6 +109,8 @@ def _task_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from llmprune.export.save import report_kind
+    from llmprune.jobs import registry
     from llmprune.report import layer_table, load_report, summary, unreadable
 
     report = load_report(args.dir)
@@ -216,7 +119,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     try:
         text = summary(report)
-        if report.get("kind") != "chain":  # a chain's layers are in its stages' own reports
+        if registry.get(report_kind(report)).layer_table:
             text += "\n\n" + layer_table(report)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise unreadable(args.dir, e) from None
@@ -309,7 +212,7 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     from llmprune.export.save import check_output_file, json_of_kind, write_json
     from llmprune.models.loading import input_paths
     from llmprune.options import validated
-    from llmprune.pipeline import _versions
+    from llmprune.jobs.header import versions
     from llmprune.speed.bench import SpeedOptions, bench_speed, format_report
 
     opts = vars(args)
@@ -319,7 +222,7 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     if out:
         out = check_output_file(out, overwrite, input_paths(model), flag="--json", what="a speed report",
                                 ours=json_of_kind("speed"))
-    report = {"kind": "speed", "versions": _versions(), **bench_speed(model, options)}
+    report = {"kind": "speed", "versions": versions(), **bench_speed(model, options)}
     for line in format_report(report):
         print(line)
     if out is not None:
@@ -330,13 +233,13 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from llmprune.chain.cli import add_run_parser
+    from llmprune.jobs import registry
 
     parser = argparse.ArgumentParser(prog="llmprune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _prune_parser(sub)
-    _maskllm_parser(sub)
-    _structured_parser(sub)
-    _recover_parser(sub)
+    for kind in registry.kinds().values():
+        if kind.command is not None:
+            _job_parser(sub, kind)
     e = sub.add_parser("eval", help="perplexity and zero-shot tasks of a model or a pruned directory")
     e.add_argument("model", help="bundled name, local HF dir (e.g. a pruned --out), .gguf file or hub id")
     e.add_argument("--ppl", default=None, help="comma-separated: wikitext2,c4,FILE (default wikitext2, "
@@ -383,9 +286,8 @@ def _library_bars(show: bool):
             hf_logging.enable_progress_bar()
 
 
-COMMANDS = {"prune": _cmd_prune, "maskllm": _cmd_maskllm, "structured": _cmd_structured,
-            "recover": _cmd_recover, "bench-speed": _cmd_bench_speed, "run": _cmd_run,
-            "eval": _cmd_eval, "report": _cmd_report, "masks": _cmd_masks}
+COMMANDS = {"bench-speed": _cmd_bench_speed, "run": _cmd_run, "eval": _cmd_eval, "report": _cmd_report,
+            "masks": _cmd_masks}  # and every job kind with a command: _cmd_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         with _library_bars(not getattr(args, "quiet", False)):
-            return COMMANDS[args.command](args)
+            return COMMANDS.get(args.command, _cmd_job)(args)
     except KeyboardInterrupt:
         # what was being written is already removed (atomic output); no traceback for Ctrl-C
         print("llmprune: interrupted", file=sys.stderr)

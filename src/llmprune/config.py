@@ -227,3 +227,26 @@ class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATI
     @classmethod
     def from_yaml(cls, path_or_text: str | Path) -> PruneConfig:
         return cls.from_dict(cls.load_recipe(path_or_text))
+
+
+def add_prune_flags(p) -> None:
+    """``llmprune prune``'s flags beyond PruneConfig's own fields."""
+    p.add_argument("--recipe", help="YAML recipe (or a pruned directory holding recipe.yaml); flags given here override it")
+    p.add_argument("--no-update", dest="no_update", action="store_true",
+                   help="keep the original weights under the mask (SparseGPT mask-only); same as --solver none")
+
+
+def prune_config_from_flags(opts: dict) -> PruneConfig:
+    """The recipe (if any) overridden by the flags given: one validated ``PruneConfig``."""
+    recipe = opts.pop("recipe", None)
+    data = PruneConfig.load_recipe(recipe) if recipe else {}
+    if opts.pop("no_update", False):
+        if opts.get("solver", "none") != "none":
+            raise LLMPruneError(f"--no-update keeps the original weights, but --solver {opts['solver']} "
+                                "updates them; drop one")
+        opts["solver"] = "none"
+    if "pattern" in opts and "sparsity" not in opts:
+        data.pop("sparsity", None)  # an N:M pattern on the command line replaces a recipe's ratio
+    if "sparsity" in opts and "pattern" not in opts:
+        data.pop("pattern", None)
+    return PruneConfig.from_dict({**data, **opts})

@@ -1,27 +1,31 @@
-"""The public entry points: ``prune(model, config)`` and ``evaluate(...)``.
+"""One-shot pruning, the ``prune`` job kind: ``prune(model, config)``, and ``evaluate(...)``.
 
 config → model → calibration windows → engine → (PPL) → save, with every check that can fail
-done before the model is loaded or any weight changes.
+done before the model is loaded or any weight changes. The stages every kind shares (checks,
+loading, evaluation, the report) live in :mod:`llmprune.jobs.context`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import platform
-import resource
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from llmprune.config import PruneConfig, RunOptions, resolve_device
+from llmprune.config import (
+    NOT_IN_RECIPE,
+    PruneConfig,
+    add_prune_flags,
+    prune_config_from_flags,
+    resolve_device,
+)
 from llmprune.data.calibration import calibration_windows
-from llmprune.data.sources import Corpus, load_corpus
+from llmprune.data.sources import load_corpus
 from llmprune.engine import memory
 from llmprune.engine.memory import GiB, check_fits, estimate_bytes
 from llmprune.engine.sequential import LayerPlan, run_sequential
@@ -30,18 +34,26 @@ from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_name
 from llmprune.eval.perplexity import evaluate as evaluate_ppl
 from llmprune.eval.placement import check_device
 from llmprune.eval.sparsity import measure_sparsity
-from llmprune.eval.zeroshot import TaskSet, evaluate_tasks, load_tasks, task_names
-from llmprune.export.save import (
-    ALLOCATION_PLOT,
-    check_output_dir,
-    output_lock,
-    save_pruned,
-    update_report,
+from llmprune.eval.zeroshot import evaluate_tasks, load_tasks, task_names
+from llmprune.export.save import ALLOCATION_PLOT, save_pruned
+from llmprune.jobs.context import (
+    Job,
+    check_run,
+    evaluate_stage,
+    job_inputs,
+    load,
+    ppl_seqlen,
+    report,
+    run_stages,
 )
+from llmprune.jobs.header import header, resolved_recipe
+from llmprune.jobs.kind import JobKind
 from llmprune.masks import MaskSet
+from llmprune.masks.files import MASK_FILE, pack, write_bits
+from llmprune.masks.maskset import prunable_names
 from llmprune.models.layers import context_length, decoder_layers, linear_layers
-from llmprune.models.loading import check_model_exists, load_model
-from llmprune.report import allocation_plot
+from llmprune.models.loading import load_model
+from llmprune.report import allocation_plot, format_allocation, format_recon
 from llmprune.sparsity.allocation import OWLAllocator, explicit_targets, weighted_mean
 from llmprune.sparsity.methods import METHODS, SOLVERS, required_stats
 from llmprune.sparsity.patterns import Target
@@ -52,25 +64,13 @@ class PruneResult:
     model: nn.Module
     tokenizer: object
     report: dict
+    keep: dict[str, np.ndarray] = field(default_factory=dict)  # packed keep-masks, as pruned
 
     @property
     def masks(self) -> MaskSet:
-        """The keep-masks of the pruned linears, to save, check or hand to the next stage."""
-        return MaskSet.from_model(self.model)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _versions() -> dict:
-    import transformers
-
-    from llmprune import __version__
-
-    return {"llmprune": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+        """The keep-masks of the pruned linears as the method chose them (a kept weight that is
+        exactly 0 is still kept), to save, check or hand to the next stage."""
+        return MaskSet.from_bits(self.keep, self.model)
 
 
 def check_model_fits(model: nn.Module, config: PruneConfig, needs_data: bool) -> None:
@@ -126,40 +126,15 @@ def allocation_report(config: PruneConfig, layer_report: list[dict]) -> dict:
 
 # --- the stages of a one-shot job -------------------------------------------------------------
 @dataclass
-class Job:
-    """What the stages of one job hand to each other (see :data:`ONESHOT`).
+class PruneJob(Job):
+    """A one-shot job's state beside the shared :class:`~llmprune.jobs.context.Job`."""
 
-    ``config`` is any recipe built on :class:`RunOptions` (one-shot, MaskLLM, ...): the shared
-    stages (:func:`check_run`, :func:`load`, :func:`evaluate_stage`, :func:`report`) read only
-    those fields; an entry point's own stages read the rest and keep their state in ``extra``.
-    """
-
-    config: RunOptions
-    model: nn.Module | str | None = None
-    tokenizer: object = None
-    ids: torch.Tensor | None = None  # (nsamples, seqlen) calibration windows
-    progress: bool = True
-    # what the job writes (its report's ``kind``): an output of another kind is never replaced
-    kind: str = "prune"
-    device: str = "cpu"
     needs: frozenset[str] = frozenset()  # statistics the method, solver and allocator read
     allocator: OWLAllocator | None = None
-    corpus: Corpus | None = None  # calibration text, read and decoded before the model loads
-    eval_corpora: dict[str, Corpus] | None = None  # perplexity text, likewise
-    task_set: TaskSet | None = None  # zero-shot tasks, their data loaded before the model
     targets: list[Target] | None = None
     plan: LayerPlan | None = None
     layer_report: list[dict] = field(default_factory=list)
-    ppl: dict[str, dict] = field(default_factory=lambda: {"before": {}, "after": {}})
-    tasks: dict[str, dict] = field(default_factory=lambda: {"before": {}, "after": {}})
-    timings: dict[str, float] = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
-    saved: Path | None = None
-    data_files: list[str] = field(default_factory=list)  # what the job reads besides the model
-    needs_tokenizer: bool = True
     true_sequential: bool = False  # the mode the run uses (check_memory resolves the automatic one)
-    extra: dict = field(default_factory=dict)
-    cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
 # The automatic mode prunes true-sequentially when everything it holds fits in this share of the
@@ -191,39 +166,7 @@ def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: froz
     return False
 
 
-def job_inputs(job: Job) -> list[str]:
-    """Paths the job reads, which its output must never replace (non-paths are ignored)."""
-    model = [job.config.model] if isinstance(job.model, str | None) else []
-    task_dir = [job.config.task_dir] if job.config.task_dir else []
-    return [*model, *job.data_files, *job.config.ppl, *task_dir]
-
-
-def ppl_seqlen(config: RunOptions) -> int:
-    return config.ppl_seqlen or getattr(config, "seqlen", 2048)
-
-
-def check_run(job: Job) -> None:
-    """The checks every entry point shares, before the model loads: device, evaluation data
-    (read once here; zero-shot tasks named and their data loaded), the output directory (locked
-    until the report is final), the model."""
-    config = job.config
-    job.device = config.resolved_device()
-    check_device(job.device)
-    if config.ppl:
-        check_eval_args(ppl_seqlen(config), config.max_windows)
-        job.eval_corpora = check_eval_data(config.ppl)
-    if config.out:
-        check_output_dir(config.out, config.overwrite, job_inputs(job), job.kind)
-        job.cleanup.enter_context(output_lock(config.out))
-    if isinstance(job.model, str | None):
-        check_model_exists(config.model)
-    elif job.tokenizer is None and (job.needs_tokenizer or config.ppl or config.tasks):
-        raise LLMPruneError("pass tokenizer= along with a loaded model")
-    if config.tasks:  # last: it may download the tasks' data
-        job.task_set = load_tasks(config.tasks, config.task_dir)
-
-
-def validate(job: Job) -> None:
+def validate(job: PruneJob) -> None:
     """Everything that can be checked before the model loads: options, data, device, output."""
     config = job.config.validate()
     job.allocator = make_allocator(config)
@@ -240,22 +183,13 @@ def validate(job: Job) -> None:
     check_run(job)
 
 
-def load(job: Job) -> None:
-    """Load the model (unless one was given)."""
-    config = job.config
-    if isinstance(job.model, str | None):
-        job.model, job.tokenizer = load_model(
-            config.model, device=job.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-            need_tokenizer=job.needs_tokenizer or bool(config.ppl or config.tasks))
-
-
-def check_model(job: Job) -> None:
+def check_model(job: PruneJob) -> None:
     """The recipe against the loaded model: context length, N:M divisibility, explicit ratios."""
     check_model_fits(job.model, job.config, bool(job.needs))
     job.targets = fixed_targets(job.config, len(decoder_layers(job.model)))
 
 
-def calibrate(job: Job) -> None:
+def calibrate(job: PruneJob) -> None:
     """Tokenise the calibration windows and check their activations fit in memory."""
     config = job.config
     if not job.needs:
@@ -266,24 +200,7 @@ def calibrate(job: Job) -> None:
         job.corpus = None
 
 
-def evaluate_stage(when: str) -> Callable[[Job], None]:
-    """Perplexity (and zero-shot tasks) of the model as it is now: ``job.ppl[when]``
-    (``job.tasks[when]``)."""
-    def evaluate(job: Job) -> None:
-        config = job.config
-        if config.ppl:
-            job.ppl[when] = evaluate_ppl(job.model, job.tokenizer, config.ppl,
-                                         ppl_seqlen(config), config.max_windows,
-                                         job.progress, corpora=job.eval_corpora, device=job.device)
-        if job.task_set is not None:
-            job.tasks[when] = evaluate_tasks(job.model, job.tokenizer, job.task_set,
-                                             config.task_batch_size, config.task_limit,
-                                             job.device, job.progress)
-    evaluate.__name__ = f"ppl_{when}"
-    return evaluate
-
-
-def plan(job: Job) -> None:
+def plan(job: PruneJob) -> None:
     config = job.config
     method = METHODS[config.method]
     solver = SOLVERS[config.solver or method.default_solver]
@@ -293,7 +210,7 @@ def plan(job: Job) -> None:
                          true_sequential=job.true_sequential)
 
 
-def run(job: Job) -> None:
+def run(job: PruneJob) -> None:
     job.layer_report = run_sequential(job.model, job.ids, job.plan, job.device, job.progress)
 
 
@@ -303,35 +220,39 @@ def pruning_mode(layers: list[dict]) -> str:
     return "mixed" if len(modes) > 1 else "true-sequential" if modes == {True} else "exact"
 
 
-def build_report(job: Job) -> dict:
+def resolved_config(job: PruneJob) -> PruneConfig:
+    """The config as it ran: every value the run decided (the automatic true-sequential mode, the
+    dtype and device of ``auto``) written in, so ``recipe.yaml`` reproduces the run anywhere."""
+    decided = {"true_sequential": job.true_sequential} if job.needs else {}
+    return PruneConfig.from_dict({**resolved_recipe(job, **decided), "out": job.config.out,
+                                  "overwrite": job.config.overwrite})
+
+
+def build_report(job: PruneJob) -> dict:
     config, model = job.config, job.model
     sparsity = measure_sparsity(model)
+    out = header(job, recipe=resolved_config(job).model_dump(exclude=set(NOT_IN_RECIPE)))
+    out["model"]["prunable_params"] = sparsity["params"]
     return {
-        "kind": "prune",
-        "versions": _versions(),
-        "recipe": config.to_dict(),
-        "model": {"name": config.model, "class": type(model).__name__,
-                  "layers": len(decoder_layers(model)), "prunable_params": sparsity["params"]},
-        "device": job.device,
+        **out,
         "target": str(config.target) if config.has_target else "explicit",
         "mode": pruning_mode(job.layer_report) if job.needs else None,  # magnitude reads no data
         "sparsity": sparsity["overall"],
         "allocation": allocation_report(config, job.layer_report),
+        "masks": {"file": MASK_FILE, "recorded": "by the engine, as pruned"},
         "layers": job.layer_report,
-        "ppl": job.ppl,
-        **({"tasks": job.tasks} if job.task_set is not None else {}),
-        "timings": job.timings,
-        "peak_rss_mb": peak_rss_mb(),
     }
 
 
-def save(job: Job) -> None:
-    """Write the pruned model (before the final evaluation, so a failure there loses nothing)."""
+def save(job: PruneJob) -> None:
+    """Write the pruned model and its masks (before the final evaluation, so a failure there
+    loses nothing)."""
     config = job.config
     job.report = build_report(job)
     if not config.out:
         return
-    extra = {}
+    job.extra["keep"] = keep_bits(job)
+    extra = {MASK_FILE: lambda path: write_bits(path, job.extra["keep"])}
     if config.allocation != "uniform":
         png = allocation_plot(job.report["allocation"], title=f"{Path(config.model).name} {config.method}")
         if png is None:
@@ -341,17 +262,21 @@ def save(job: Job) -> None:
             extra[ALLOCATION_PLOT] = png
             job.report["allocation"]["plot"] = ALLOCATION_PLOT
     job.saved = save_pruned(job.model, job.tokenizer, config.out, job.report,
-                            config.to_yaml(recipe_only=True), config.overwrite, extra_files=extra,
+                            resolved_config(job).to_yaml(), config.overwrite, extra_files=extra,
                             inputs=job_inputs(job))
 
 
-def report(job: Job) -> None:
-    """Final numbers into the report, and into the saved ``pruning.json``."""
-    job.report.update(ppl=job.ppl, timings=job.timings, peak_rss_mb=peak_rss_mb())
-    if job.task_set is not None:
-        job.report["tasks"] = job.tasks
-    if job.saved is not None:
-        update_report(job.saved, job.report)
+def keep_bits(job: PruneJob) -> dict[str, np.ndarray]:
+    """Every prunable weight's keep-mask as packed bits: as the engine recorded it; fused MoE
+    experts (pruned through views) from their weights, completed to each layer's N:M pattern."""
+    bits = dict(job.plan.keep) if job.plan is not None else {}
+    names = prunable_names(job.model)
+    missing = [n for n in names if n not in bits]
+    if missing:
+        targets = [Target.parse(L["target"], None) if ":" in L["target"] else None for L in job.layer_report]
+        read = MaskSet.from_model(job.model, targets or None)
+        bits.update({n: pack(read[n].numpy()) for n in missing})
+    return {n: bits[n] for n in names}
 
 
 # validate → load → check → calibrate → evaluate → plan → run → save → evaluate → report
@@ -359,20 +284,6 @@ ONESHOT: tuple[Callable[[Job], None], ...] = (
     validate, load, check_model, calibrate, evaluate_stage("before"), plan, run, save,
     evaluate_stage("after"), report,
 )
-
-
-UNTIMED = ("validate", "check_model", "plan", "report")  # checks and bookkeeping: no time worth a line
-
-
-def run_stages(job: Job, stages: tuple[Callable[[Job], None], ...]) -> Job:
-    """Run ``stages`` in order, timing each as ``<name>_s`` in ``job.timings``."""
-    with job.cleanup:
-        for stage in stages:
-            t0 = time.perf_counter()
-            stage(job)
-            if stage.__name__ not in UNTIMED:
-                job.timings[f"{stage.__name__}_s"] = time.perf_counter() - t0
-    return job
 
 
 def prune(model: str | nn.Module | None = None, config: PruneConfig | None = None,
@@ -389,8 +300,8 @@ def prune(model: str | nn.Module | None = None, config: PruneConfig | None = Non
     if isinstance(model, str):
         overrides["model"] = model
     config = config.replace(**overrides)
-    job = run_stages(Job(config, model, tokenizer, calib_ids, progress), ONESHOT)
-    return PruneResult(job.model, job.tokenizer, job.report)
+    job = run_stages(PruneJob(config, model, tokenizer, calib_ids, progress), ONESHOT)
+    return PruneResult(job.model, job.tokenizer, job.report, job.extra.get("keep") or keep_bits(job))
 
 
 def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str | None = ("wikitext2",),
@@ -423,3 +334,34 @@ def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str | None
         result["_tasks"] = evaluate_tasks(model, tokenizer, task_set, task_batch_size, task_limit, dev, progress)
     result["_sparsity"] = measure_sparsity(model)["overall"]
     return result
+
+
+def summary(report: dict) -> list[str]:
+    """The one-shot lines of ``llmprune report`` / the end-of-run summary."""
+    r = report["recipe"]
+    lines = [f"method {r['method']}" + (f" + solver {r['solver']}" if r.get("solver") else "")
+             + f", target {report['target']}"
+             + (f", calib {r['calib']} {r['nsamples']}x{r['seqlen']} seed {r['seed']}" if report.get("mode") else "")
+             + (f", {report['mode']} mode" if report.get("mode") else ""),
+             f"sparsity of decoder linears: {report['sparsity']:.4f}"]
+    alloc = format_allocation(report.get("allocation"))
+    if alloc:
+        lines.append(alloc)
+    return lines + format_recon(report.get("layers", []))
+
+
+def _reads(c: PruneConfig) -> dict[str, str]:
+    needs = required_stats(c.method, c.solver, c.recon_error)
+    allocator = make_allocator(c)
+    return {"calib": c.calib} if needs or (allocator and allocator.needs) else {}
+
+
+def _windows(c: PruneConfig) -> list[tuple[str, int]]:
+    return ([("seqlen", c.seqlen)] if _reads(c) else []) + ([("ppl_seqlen", ppl_seqlen(c))] if c.ppl else [])
+
+
+KIND = JobKind(
+    name="prune", config=PruneConfig, run=lambda c, progress: prune(config=c, progress=progress).report,
+    summary=summary, output="sparse", recipe_key="llmprune", reads=_reads, windows=_windows, layer_table=True,
+    command="prune a model layer by layer with calibration data", from_flags=prune_config_from_flags,
+    add_flags=add_prune_flags, saved_note="report: {out}/pruning.json; per-layer table: llmprune report {out}")

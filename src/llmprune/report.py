@@ -62,19 +62,19 @@ def unreadable(path: str | Path, e: BaseException) -> LLMPruneError:
 
 
 def format_ppl(ppl: dict) -> list[str]:
+    """One line per evaluation set: before -> after, or the one measurement there is."""
     lines = []
     before, after = ppl.get("before", {}), ppl.get("after", {})
     for name in after or before:
         b, a = before.get(name, {}), after.get(name, {})
-        label = (a or b).get("label", name)
-        bs = f"{b['ppl']:.3f}" if b else "-"
-        as_ = f"{a['ppl']:.3f}" if a else "-"
-        lines.append(f"  PPL {label} (seqlen {(a or b)['seqlen']}): dense {bs} -> pruned {as_}")
+        r = a or b
+        head = f"  PPL {r.get('label', name)} (seqlen {r['seqlen']}): "
+        lines.append(head + (f"dense {b['ppl']:.3f} -> pruned {a['ppl']:.3f}" if a and b else f"{r['ppl']:.3f}"))
     return lines
 
 
 def format_tasks(tasks: dict) -> list[str]:
-    """One line per zero-shot task and metric (stderr aside): dense -> pruned."""
+    """One line per zero-shot task and metric (stderr aside): before -> after, or the one there is."""
     lines = []
     before, after = tasks.get("before", {}), tasks.get("after", {})
     for name in after or before:
@@ -85,80 +85,21 @@ def format_tasks(tasks: dict) -> list[str]:
                 continue
             shown = [f"{x['metrics'][metric]:.4f}" if x.get("metrics", {}).get(metric) is not None else "-"
                      for x in (b, a)]
-            lines.append(f"  {name} {metric} (v{r['version']}, {r['samples']} examples): "
-                         f"dense {shown[0]} -> pruned {shown[1]}")
+            value = f"dense {shown[0]} -> pruned {shown[1]}" if a and b else shown[1] if a else shown[0]
+            lines.append(f"  {name} {metric} (v{r['version']}, {r['samples']} examples): {value}")
     return lines
 
 
 def summary(report: dict) -> str:
-    """The end-of-run summary: what was done, how sparse, how long, PPL before/after."""
-    if report.get("kind") == "masks":  # written by 'llmprune masks apply'
-        m = report["masks"]
-        return "\n".join([f"model {report['model']['name']} ({report['model']['class']}) with masks from {m['file']}",
-                          f"sparsity of decoder linears: {report['sparsity']:.4f}"])
-    if report.get("kind") == "maskllm":
-        m = report["maskllm"]
-        final = m.get("final") or {}
-        lines = [f"model {report['model']['name']} ({report['model']['class']})",
-                 f"maskllm {report['target']}, prior {m['prior']}, {m['steps']} steps, {m['tokens']} tokens "
-                 f"of {m['data']}" + (f", final loss {final['loss']:.4f}" if "loss" in final else ""),
-                 f"sparsity of decoder linears: {report['sparsity']:.4f}",
-                 "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in report["timings"].items()),
-                 f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}"]
-        return "\n".join(lines + format_ppl(report.get("ppl", {})) + format_tasks(report.get("tasks", {})))
-    if report.get("kind") == "recover":
-        return recover_summary(report)
-    if report.get("kind") in ("chain", "eval"):  # 'llmprune run' and its eval stages
-        from llmprune.chain.cli import summary as chain_summary
+    """The summary of any kind's report: the shared header's first line, the kind's own lines
+    (its registered ``summary``), timings and peak memory, then perplexity and zero-shot scores."""
+    from llmprune.export.save import report_kind
+    from llmprune.jobs import registry
+    from llmprune.jobs.header import cost_lines, head_line
 
-        return chain_summary(report)
-    r = report["recipe"]
-    t = report["timings"]
-    lines = [
-        f"model {report['model']['name']} ({report['model']['class']}, {report['model']['layers']} layers)",
-        f"method {r['method']}" + (f" + solver {r['solver']}" if r.get("solver") else "")
-        + f", target {report['target']}, calib {r['calib']} {r['nsamples']}x{r['seqlen']} seed {r['seed']}"
-        + (f", {report['mode']} mode" if report.get("mode") else ""),
-        f"sparsity of decoder linears: {report['sparsity']:.4f}",
-        "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()),
-        f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}",
-    ]
-    alloc = format_allocation(report.get("allocation"))
-    if alloc:
-        lines.insert(2, alloc)
-    lines += format_recon(report.get("layers", []))
-    lines += format_ppl(report.get("ppl", {}))
-    lines += format_tasks(report.get("tasks", {}))
-    return "\n".join(lines)
-
-
-def recover_summary(report: dict) -> str:
-    """Recovery: mode, steps, pattern kept, PPL before / after (and what re-masking cost)."""
-    r = report["recover"]
-    final = r.get("final") or {}
-    mode = r["mode"] + (f" r={r['lora']['rank']}" if "lora" in r else "")
-    kept = r.get("pruned_nonzero")
-    lines = [f"model {report['model']['name']} ({report['model']['class']})",
-             f"recover {mode}, {r['steps']} steps, {r['tokens']} tokens of {r['data']}"
-             + (f", final loss {final['ce']:.4f}" if "ce" in final else ""),
-             f"sparsity of decoder linears: {report['sparsity']:.4f} (mask {report['target']}"
-             + ("" if kept is None else ", kept exactly" if kept == 0 else f", {kept} pruned weights nonzero") + ")"]
-    if report.get("adapter"):
-        lines.append(f"adapter saved in {report['adapter']}/ beside the untouched sparse base")
-    if "remask" in r:
-        lines.append(f"re-masking dropped {r['remask']['update_outside_mask']:.1%} of the LoRA update (‖ΔW‖²)")
-    lines += ["timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in report["timings"].items()),
-              f"peak RSS {report['peak_rss_mb']:.0f} MiB on {report['device']}"]
-    ppl = report.get("ppl", {})
-    before, after, merged = ppl.get("before", {}), ppl.get("after", {}), ppl.get("merged", {})
-    for name in after or before:
-        b, a = before.get(name), after.get(name)
-        line = (f"  PPL {(a or b)['label']} (seqlen {(a or b)['seqlen']}): before {b['ppl'] if b else float('nan'):.3f}"
-                f" -> recovered {a['ppl'] if a else float('nan'):.3f}")
-        if name in merged:
-            line += f" (merged, not re-masked: {merged[name]['ppl']:.3f})"
-        lines.append(line)
-    return "\n".join(lines)
+    kind = registry.get(report_kind(report))
+    return "\n".join([head_line(report), *kind.summary(report), *cost_lines(report),
+                      *format_ppl(report.get("ppl") or {}), *format_tasks(report.get("tasks") or {})])
 
 
 def format_allocation(alloc: dict | None) -> str | None:

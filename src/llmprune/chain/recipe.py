@@ -28,39 +28,19 @@ from typing import Any
 
 import yaml
 
-from llmprune.config import PruneConfig, RunOptions, read_yaml
+from llmprune.config import RunOptions, read_yaml
 from llmprune.errors import LLMPruneError
-from llmprune.maskllm.job import MaskLLMConfig
+from llmprune.jobs import registry
+from llmprune.jobs.kind import JobKind
+from llmprune.masks.files import MASK_FILE
 from llmprune.options import Recipe, validated
-from llmprune.recover.job import RecoverConfig
-from llmprune.structured.job import StructuredConfig
 
 STAGES_DIR = "stages"
-MASK_FILE = "masks.npz"  # a prune / maskllm stage's keep-masks (MaskLLM layout): the next prior
 
 
-class EvalConfig(RunOptions):
-    """An ``eval`` stage: perplexity (``ppl``, windows of ``ppl_seqlen`` tokens, default 2048)
-    and zero-shot ``tasks`` of the model the stages before it produced."""
-
-
-@dataclass(frozen=True)
-class StageKind:
-    """One kind of stage: its config class and what its output is."""
-
-    name: str
-    config: type[Recipe]
-    makes_model: bool = True  # its directory holds a model the next stage reads
-    dense: bool = False  # that model's weights are dense (a new base for MaskLLM's mask-only training)
-
-
-KINDS: dict[str, StageKind] = {k.name: k for k in (
-    StageKind("prune", PruneConfig),
-    StageKind("maskllm", MaskLLMConfig),
-    StageKind("recover", RecoverConfig),
-    StageKind("structured", StructuredConfig, dense=True),
-    StageKind("eval", EvalConfig, makes_model=False),
-)}
+def stage_kinds() -> dict[str, JobKind]:
+    """The job kinds a recipe may chain (the registry's, in its order)."""
+    return {name: kind for name, kind in registry.kinds().items() if kind.chain}
 
 # Set by the chain, never by the user: where each stage reads and writes.
 CHAIN_KEYS = ("model", "out", "overwrite", "resume")
@@ -106,12 +86,13 @@ class StagePlan:
     """A stage ready to run: its validated config (with input and output filled in)."""
 
     spec: StageSpec
-    kind: StageKind
+    kind: JobKind
     dir: Path
     config: Recipe
     inputs: dict[str, str]  # what it reads, by what it is (the recipe's model, "stage 01-prune"), for the hash
     hash: str = ""
     mask_file: Path | None = None  # the masks.npz this stage leaves for a later MaskLLM prior
+    pattern: str | None = None  # the mask its output carries (e.g. "2:4", "sparsity 0.5"); None: dense
     extra: dict = field(default_factory=dict)
 
     @property
@@ -130,7 +111,7 @@ class StagePlan:
 
 
 def _all_keys() -> set[str]:
-    keys = {k for kind in KINDS.values() for k in kind.config.model_fields}
+    keys = {k for kind in stage_kinds().values() for k in kind.config.model_fields}
     return keys | {"calib"}
 
 
@@ -169,10 +150,11 @@ def parse_recipe(data: Any) -> ChainRecipe:
             raise LLMPruneError(f"stage {i}: must be a mapping of one kind to its options, e.g. "
                                 f"'- prune: {{pattern: \"2:4\"}}', got {item!r}")
         (kind, options), = item.items()
-        if kind not in KINDS:
-            close = difflib.get_close_matches(str(kind), list(KINDS), n=1)
+        kinds = stage_kinds()
+        if kind not in kinds:
+            close = difflib.get_close_matches(str(kind), list(kinds), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise LLMPruneError(f"stage {i}: unknown kind {kind!r}; {hint}choose from {', '.join(KINDS)}")
+            raise LLMPruneError(f"stage {i}: unknown kind {kind!r}; {hint}choose from {', '.join(kinds)}")
         options = {} if options is None else options
         if not isinstance(options, dict):
             raise LLMPruneError(f"stage {i} ({kind}): options must be a mapping of key: value, got {options!r}")
@@ -201,7 +183,7 @@ def _with_alias(cls: type[Recipe], options: dict, where: str) -> dict:
     return options
 
 
-def _stage_config(spec: StageSpec, kind: StageKind, shared: dict, chain: dict) -> Recipe:
+def _stage_config(spec: StageSpec, kind: JobKind, shared: dict, chain: dict) -> Recipe:
     where = f"stage {spec.index} ({spec.kind})"
     cls = kind.config
     own = _with_alias(cls, spec.options, where)
@@ -232,9 +214,11 @@ def plan_stages(recipe: ChainRecipe, out: str | Path) -> list[StagePlan]:
     model = recipe.model
     dense = model_in = (model, model)  # the recipe's model by name: a new model is a new chain
     mask: tuple[Path, str] | None = None
+    pattern: tuple[str, str] | None = None  # the mask the current model carries, and which stage made it
+    kinds = stage_kinds()
     plans, previous = [], ""
     for spec in recipe.stages:
-        kind = KINDS[spec.kind]
+        kind = kinds[spec.kind]
         d = out / STAGES_DIR / spec.name
         source = dense if spec.kind == "maskllm" else model_in
         chain: dict[str, Any] = {"model": str(source[0]), "out": str(d), "overwrite": True}
@@ -243,20 +227,49 @@ def plan_stages(recipe: ChainRecipe, out: str | Path) -> list[StagePlan]:
             chain["prior"] = str(mask[0])
             inputs["prior"] = mask[1]
         config = _stage_config(spec, kind, recipe.shared, chain)
+        _check_keeps_pattern(spec, kind, config, pattern)
         plan = StagePlan(spec, kind, d, config, inputs)
         plan.hash = previous = _chain_hash(previous, plan.normalised())
-        if spec.kind in ("prune", "maskllm"):
+        if kind.output == "sparse":
             plan.mask_file = d / MASK_FILE
             mask = (plan.mask_file, f"stage {spec.name} {MASK_FILE}")
-        if kind.makes_model:
+            pattern = (_pattern(spec.kind, config, pattern), spec.name)
+        if kind.output != "report":
             model_in = (d, f"stage {spec.name}")
-        if kind.dense:
-            dense, mask = model_in, None  # new shapes: earlier masks no longer fit
+        if kind.output == "dense":
+            dense, mask, pattern = model_in, None, None  # new shapes: earlier masks no longer fit
+        plan.pattern = pattern[0] if pattern else None
         plans.append(plan)
     return plans
 
 
+def _pattern(kind: str, config: Recipe, before: tuple[str, str] | None) -> str:
+    """The mask a sparse stage's output carries: its own target, or (recovery) its input's."""
+    if kind == "prune":
+        return str(config.target) if config.has_target else "explicit"
+    if kind == "maskllm":
+        return config.pattern
+    return before[0] if before else "its input's zeros"
+
+
+def _check_keeps_pattern(spec: StageSpec, kind: JobKind, config: Recipe, pattern: tuple[str, str] | None) -> None:
+    """Refuse, before anything runs, a stage that would make a sparse input dense: a structured
+    stage (OSSCAR's re-fit and removed columns break the groups; new shapes void the masks) or a
+    LoRA adapter kept unmerged (the next stage would read the sparse base without it)."""
+    where = f"stage {spec.index} ({spec.kind})"
+    if pattern is None:
+        return
+    if kind.output == "dense":
+        raise LLMPruneError(f"{where}: its input carries the {pattern[0]} mask of stage {pattern[1]}, which "
+                            "structured pruning would not keep (new shapes, a dense re-fit); run the structured "
+                            "stage before the sparse ones")
+    if getattr(config, "keep_adapter", False):
+        raise LLMPruneError(f"{where}: keep_adapter leaves the {pattern[0]} base and a separate dense adapter, "
+                            "which later stages and final/ would not apply; drop keep_adapter (the adapter is "
+                            "merged and the mask re-applied) or run 'llmprune recover' on the chain's output")
+
+
 def final_stage(plans: list[StagePlan]) -> StagePlan | None:
     """The last stage that produces a model (its output is the chain's result)."""
-    return next((p for p in reversed(plans) if p.kind.makes_model), None)
+    return next((p for p in reversed(plans) if p.kind.output != "report"), None)
 

@@ -41,7 +41,8 @@ from llmprune.export.save import (
     output_lock,
     write_json,
 )
-from llmprune.pipeline import _versions
+from llmprune.jobs.header import versions
+from llmprune.jobs.kind import JobKind
 from llmprune.report import load_report
 
 FINAL_DIR = "final"
@@ -151,7 +152,7 @@ def _timings(records: list[dict]) -> dict:
 
 def _record(plan: StagePlan, out: Path) -> dict:
     return {"index": plan.index, "kind": plan.spec.kind, "dir": str(plan.dir.relative_to(out)),
-            "hash": plan.hash, "inputs": plan.inputs, "status": "pending"}
+            "hash": plan.hash, "inputs": plan.inputs, "pattern": plan.pattern, "status": "pending"}
 
 
 def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrite: bool = False,
@@ -176,9 +177,10 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
         _drop(out, [r for r in old[start:] if r["dir"] not in dirs])  # dropped, or now another kind
         records = [old[i] if i < start else _record(p, out) for i, p in enumerate(plans)]
         last = final_stage(plans)
-        state = {"kind": "chain", "recipe": recipe.to_dict(), "stages": records,
+        state = {"kind": "chain", "versions": versions(), "recipe": recipe.to_dict(),
+                 "model": {"name": recipe.model}, "stages": records,
                  "final": (previous or {}).get("final") if start == len(plans) else None,
-                 "timings": _timings(records), "versions": _versions()}
+                 "timings": _timings(records)}
         out.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / RECIPE_FILE) as f:
             f.write(recipe.to_yaml())
@@ -189,7 +191,7 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
         ran = []
         for i in range(start, len(plans)):
             plan, record = plans[i], records[i]
-            if plan.spec.kind in ("maskllm", "recover"):
+            if plan.kind.trains:
                 same = old[i].get("hash") == plan.hash if i < len(old) else False
                 plan.extra["resume"] = stage_runners.checkpoint_for(plan, same)
             if progress:
@@ -198,7 +200,7 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
             write_json(out / REPORT_FILE, state)
             t0 = time.perf_counter()
             try:
-                stage_runners.RUNNERS[plan.spec.kind](plan, progress)
+                stage_runners.run_stage(plan, progress)
             except BaseException as e:
                 record.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
                 write_json(out / REPORT_FILE, state)
@@ -214,3 +216,31 @@ def run_chain(recipe: ChainRecipe | dict | str | Path, out: str | Path, overwrit
                               "note": f"a copy (hard links where possible) of {STAGES_DIR}/{last.spec.name}"}
         write_json(out / REPORT_FILE, state)
     return ChainResult(out, state, ran)
+
+
+def _stage_ppl(report: dict) -> list[str]:
+    from llmprune.report import format_ppl, format_tasks
+
+    return format_ppl(report.get("ppl") or {}) + format_tasks(report.get("tasks") or {})
+
+
+def summary(report: dict) -> list[str]:
+    """A chained run: one line per stage (its status) with its numbers and the mask its output
+    carries, and where the final model is."""
+    lines = []
+    for r in report["stages"]:
+        rep = r.get("report") or {}
+        head = f"stage {r['index']} {r['kind']} ({r['dir']}): {r['status']}"
+        if "seconds" in r:
+            head += f", {r['seconds']:.1f}s"
+        if rep.get("sparsity") is not None:
+            head += f", sparsity {rep['sparsity']:.4f}"
+        if r.get("pattern"):
+            head += f", mask {r['pattern']}"
+        lines += [head, *_stage_ppl(rep)]
+    final = report.get("final")
+    lines.append(f"final model: {final['dir']}/ (from {final['stage']})" if final else "final model: none yet")
+    return lines
+
+
+KIND = JobKind(name="chain", config=ChainRecipe, run=None, summary=summary, output="report", chain=False)

@@ -8,11 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
-from llmprune.chain.recipe import CHAIN_KEYS, StagePlan
+from llmprune.chain.recipe import StagePlan
 from llmprune.errors import LLMPruneError
-from llmprune.export.save import RECIPE_FILE, REPORT_FILE, atomic_dir, output_lock, write_json
 
 
 def checkpoint_for(plan: StagePlan, resumable: bool) -> str | None:
@@ -36,91 +33,21 @@ def checkpoint_for(plan: StagePlan, resumable: bool) -> str | None:
     return None
 
 
-def run_prune(plan: StagePlan, progress: bool) -> None:
-    """One-shot pruning; the stage also leaves its keep-masks as ``masks.npz`` (a MaskLLM prior)."""
-    from llmprune import pipeline
-    from llmprune.masks import MaskSet
-
-    result = pipeline.prune(config=plan.config, progress=progress)
-    MaskSet.from_model(result.model).save(plan.mask_file)
-
-
-def run_maskllm(plan: StagePlan, progress: bool) -> None:
-    from llmprune.maskllm import job
-
+def run_stage(plan: StagePlan, progress: bool) -> None:
+    """One stage through its kind's own job, writing the stage's directory; a training stage
+    killed before resumes from its checkpoints (``plan.extra["resume"]``)."""
     config = plan.config
     if plan.extra.get("resume"):
         config = config.replace(resume=plan.extra["resume"])
-    job.run_maskllm(config, progress=progress)
-
-
-def run_recover(plan: StagePlan, progress: bool) -> None:
-    from llmprune.recover import job
-
-    config = plan.config
-    if plan.extra.get("resume"):
-        config = config.replace(resume=plan.extra["resume"])
-    job.run_recover(config, progress=progress)
-
-
-def run_structured(plan: StagePlan, progress: bool) -> None:
-    from llmprune.structured import job
-
-    job.structured_job(plan.config.model, plan.config, progress=progress)
-
-
-def run_eval(plan: StagePlan, progress: bool) -> None:
-    """Perplexity and zero-shot tasks of the stage's input; the directory holds only the report."""
-    from llmprune import pipeline
-
-    c = plan.config
-    ppl = c.ppl or ([] if c.tasks else ["wikitext2"])  # as 'llmprune eval'
-    res = pipeline.evaluate(c.model, ppl=ppl, seqlen=c.ppl_seqlen or 2048, max_windows=c.max_windows,
-                            device=c.device, dtype=c.dtype, progress=progress,
-                            trust_remote_code=c.trust_remote_code, tasks=c.tasks, task_dir=c.task_dir,
-                            task_limit=c.task_limit, task_batch_size=c.task_batch_size)
-    sparsity = res.pop("_sparsity")
-    tasks = res.pop("_tasks", None)
-    report = {"kind": "eval", "model": {"name": c.model}, "sparsity": sparsity, "ppl": {"after": res},
-              **({"tasks": {"after": tasks}} if tasks is not None else {})}
-    recipe = yaml.safe_dump({"eval": c.model_dump(exclude=set(CHAIN_KEYS))}, sort_keys=False, allow_unicode=True)
-    with output_lock(c.out), atomic_dir(c.out, overwrite=True, inputs=[c.model], kind="eval") as tmp:
-        (tmp / RECIPE_FILE).write_text(recipe)
-        write_json(tmp / REPORT_FILE, report)
-
-
-RUNNERS: dict[str, Callable[[StagePlan, bool], None]] = {
-    "prune": run_prune, "maskllm": run_maskllm, "recover": run_recover,
-    "structured": run_structured, "eval": run_eval,
-}
+    plan.kind.run(config, progress)
 
 
 def user_files(plans: list[StagePlan]) -> list[str]:
     """Files and folders the recipe names (data, masks, tasks): the output must not replace them."""
-    keys = ("calib", "train_data", "prior", "masks", "task_dir")
-    found = [getattr(p.config, k, None) for p in plans for k in keys]
+    found = [path for p in plans for path in [*p.kind.reads(p.config).values(), *p.kind.files(p.config).values()]]
+    found += [p.config.task_dir for p in plans]
     found += [name for p in plans for name in p.config.ppl]
     return [f for f in found if isinstance(f, str) and Path(f).expanduser().exists()]
-
-
-def stage_windows(plan: StagePlan) -> list[tuple[str, int]]:
-    """The token windows a stage will run through the model: ``(option, length)``."""
-    from llmprune.pipeline import make_allocator, ppl_seqlen
-    from llmprune.sparsity.methods import required_stats
-
-    c, kind = plan.config, plan.spec.kind
-    out = []
-    if kind == "eval":
-        if c.ppl or not c.tasks:
-            out.append(("ppl_seqlen", c.ppl_seqlen or 2048))
-        return out
-    reads = kind != "prune" or bool(required_stats(c.method, c.solver, c.recon_error)
-                                    or (make_allocator(c) and make_allocator(c).needs))
-    if reads:
-        out.append(("seqlen", c.seqlen))
-    if c.ppl:
-        out.append(("ppl_seqlen", ppl_seqlen(c)))
-    return out
 
 
 def check_windows(plans: list[StagePlan]) -> None:
@@ -135,7 +62,7 @@ def check_windows(plans: list[StagePlan]) -> None:
     if ctx is None:
         return
     for plan in plans:
-        for name, n in stage_windows(plan):
+        for name, n in plan.kind.windows(plan.config):
             if n > ctx:
                 raise LLMPruneError(f"{plan.label}: {name} {n} is longer than the model's context ({ctx} "
                                     f"tokens); use {name}: {ctx} or less")
@@ -150,8 +77,6 @@ def preflight(plans: list[StagePlan]) -> None:
     from llmprune.eval.placement import check_device
     from llmprune.eval.zeroshot import load_tasks
     from llmprune.models.loading import check_model_exists
-    from llmprune.pipeline import make_allocator
-    from llmprune.sparsity.methods import required_stats
 
     seen: set = set()
 
@@ -171,19 +96,7 @@ def preflight(plans: list[StagePlan]) -> None:
     chain_files = {str(p.mask_file) for p in plans if p.mask_file}
     for plan in plans:
         c, kind, where = plan.config, plan.spec.kind, plan.label
-        data = None
-        if kind == "prune":
-            allocator = make_allocator(c)
-            if required_stats(c.method, c.solver, c.recon_error) or (allocator and allocator.needs):
-                data = c.calib
-        elif kind == "structured":
-            data = c.calib
-        elif kind in ("maskllm", "recover"):
-            data = c.train_data
-        if kind == "recover" and c.mode == "lora":
-            from llmprune.recover.lora import require_peft
-
-            once("peft", require_peft, where)
+        data = next(iter(plan.kind.reads(c).values()), None)
         if data is not None:
             once(("train", data), lambda d=data: load_corpus(d, "train"), where)
         if c.ppl:
@@ -191,9 +104,7 @@ def preflight(plans: list[StagePlan]) -> None:
                 once(("eval", name), lambda n=name: check_eval_data([n]), where)
         if c.tasks:
             once(("tasks", tuple(c.tasks), c.task_dir), lambda c=c: load_tasks(c.tasks, c.task_dir), where)
-        for key in ("prior", "masks"):
-            path = getattr(c, key, None)
-            if kind == "maskllm" and key == "prior" and path in (None, "none", "sparsegpt", "wanda", "magnitude"):
-                continue
-            if path is not None and path not in chain_files and not Path(path).expanduser().is_file():
+        for key, path in plan.kind.files(c).items():
+            if path not in chain_files and not Path(path).expanduser().is_file():
                 raise LLMPruneError(f"{where}: {key} file {path} does not exist")
+        once(("check", kind, where), lambda plan=plan: plan.kind.check(plan.config), where)

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -61,6 +62,9 @@ class LayerPlan:
     allocator: Allocator | None = None
     recon_error: bool = False  # collect XᵀX even if the method needs none, to report the error
     true_sequential: bool = False  # one forward per layer, later linears see pruned earlier ones
+    # out: the keep-mask the method chose for each pruned nn.Linear weight, by parameter name, as
+    # packed bits (numpy.packbits of the flat mask): what was pruned, not what happens to be zero
+    keep: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -96,7 +100,8 @@ def unreached(names: set[str]) -> RuntimeError:
 
 
 @torch.no_grad()
-def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerStats | None) -> dict:
+def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerStats | None,
+                keep: dict[str, np.ndarray] | None = None) -> dict:
     """Prune every linear of one layer in place; returns per-linear sparsity and timing, and
     the relative reconstruction error ``recon_error`` wherever XᵀX was collected.
 
@@ -115,21 +120,25 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
         W = linears[n].weight
         target.check_shape(W.shape[1], n)
         t0 = time.perf_counter()
-        [(W_new, keep)] = prune_weight("magnitude", [W], {}, target)
-        report[n] = {"shape": list(W.shape), "sparsity": 1 - keep.float().mean().item(),
+        [(W_new, keep_mask)] = prune_weight("magnitude", [W], {}, target)
+        report[n] = {"shape": list(W.shape), "sparsity": 1 - keep_mask.float().mean().item(),
                      "seconds": time.perf_counter() - t0, "shared_input_with": None,
                      "calibration_tokens": 0, "scored_by": UNROUTED}
         W.copy_(W_new.to(W.dtype))
+        if keep is not None:
+            keep[n] = np.packbits(keep_mask.cpu().numpy().reshape(-1))
     for leader, names in groups.items():
-        report.update(prune_group(linears, names, leader, plan, target, stats, routed))
+        report.update(prune_group(linears, names, leader, plan, target, stats, routed, keep))
     return report
 
 
 @torch.no_grad()
 def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, plan: LayerPlan, target: Target,
-                stats: LayerStats | None, routed: set[str] = frozenset()) -> dict:
+                stats: LayerStats | None, routed: set[str] = frozenset(),
+                keep: dict[str, np.ndarray] | None = None) -> dict:
     """Prune the linears ``names`` that read the input of ``leader``, in place, with that
-    input's statistics; returns their report entries."""
+    input's statistics; returns their report entries. ``keep`` receives each linear's keep-mask
+    (packed bits, by its name in the layer)."""
     Ws = [linears[n].weight for n in names]
     for n, W in zip(names, Ws, strict=True):
         target.check_shape(W.shape[1], n)
@@ -143,11 +152,13 @@ def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, pl
     for note in notes:  # e.g. a singular XᵀX solved with more damping: say so, and record it
         tqdm.write(f"warning: {', '.join(names)}: {note}", file=sys.stderr)
     report = {}
-    for n, W, (W_new, keep) in zip(names, Ws, results, strict=True):
+    for n, W, (W_new, keep_mask) in zip(names, Ws, results, strict=True):
         if not torch.isfinite(W_new).all():
             raise FloatingPointError(f"{n}: pruning produced non-finite weights")
         W_new = W_new.to(W.dtype)
-        report[n] = {"shape": list(W.shape), "sparsity": 1 - keep.float().mean().item(),
+        if keep is not None:
+            keep[n] = np.packbits(keep_mask.cpu().numpy().reshape(-1))
+        report[n] = {"shape": list(W.shape), "sparsity": 1 - keep_mask.float().mean().item(),
                      "seconds": dt / len(names), "shared_input_with": leader if leader != n else None}
         for note in notes:
             report[n].update(note.record)
@@ -290,22 +301,28 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
         raise ValueError(f"plan has {len(targets)} targets for {len(layers)} layers")
     needs = required_stats(plan.method, plan.solver, plan.recon_error)
     walk = LayerWalk(model, ids if needs else None, device, f"prune {plan.method}", progress)
+    prefix = {id(m): name for name, m in model.named_modules()}
+    params = {name for name, _ in model.named_parameters()}  # before the walk swaps in expert views
     report = []
     for i, layer in walk:
         one_pass = plan.true_sequential and bool(needs) and not routed_linears(layer)
+        keep: dict[str, np.ndarray] = {}
         if one_pass:
             linears, pruned = linear_layers(layer), {}
 
-            def prune(name: str, stats: LayerStats, linears=linears, pruned=pruned, target=targets[i]) -> None:
-                pruned.update(prune_group(linears, [name], stats.owner[name], plan, target, stats))
+            def prune(name: str, stats: LayerStats, linears=linears, pruned=pruned, target=targets[i],
+                      keep=keep) -> None:
+                pruned.update(prune_group(linears, [name], stats.owner[name], plan, target, stats, keep=keep))
 
             walk.one_pass(layer, linears, needs, prune)
             if set(linears) - set(pruned):
                 raise unreached(set(linears) - set(pruned))
         else:  # exact: dense statistics of every linear, then prune; the walk propagates after
             stats = walk.collect(layer, needs) if needs else None
-            pruned = prune_layer(layer, plan, targets[i], stats)
+            pruned = prune_layer(layer, plan, targets[i], stats, keep)
             del stats  # XᵀX can be large: free it before the walk propagates through the layer
+        # fused MoE experts are pruned through views that are no parameters: not recorded here
+        plan.keep.update({name: bits for n, bits in keep.items() if (name := f"{prefix[id(layer)]}.{n}.weight") in params})
         entry = {"index": i, "target": str(targets[i]), "target_sparsity": targets[i].sparsity,
                  "true_sequential": one_pass, "linears": pruned}
         if measures is not None:

@@ -26,7 +26,7 @@ from llmprune.maskllm.task import MaskLLMTask, model_fingerprint, prior_fingerpr
 from llmprune.models.layers import context_length
 from llmprune.options import validated
 from llmprune.train.stream import training_stream
-from llmprune.train.trainer import Trainer, check_resume
+from llmprune.train.trainer import Trainer, accelerator_for, check_resume
 
 ONESHOT_PRIORS = ("sparsegpt", "wanda", "magnitude")
 
@@ -42,7 +42,7 @@ class MaskLLMResult:
 
 
 def validate(model: nn.Module, opts: MaskLLMOptions, prior, resume, world: int,
-             fingerprint: dict) -> tuple[int, int, Path | None]:
+             fingerprint: dict, device: torch.device) -> tuple[int, int, Path | None]:
     """Every check that needs no data pass: pattern, shapes, context, prior, resume directory."""
     n, m = parse_nm(opts.pattern)
     check_divisible(model, m, n)
@@ -54,7 +54,7 @@ def validate(model: nn.Module, opts: MaskLLMOptions, prior, resume, world: int,
             raise LLMPruneError(f"prior {prior!r} is not one of {', '.join(ONESHOT_PRIORS)} (or a mask dict)")
     elif prior is not None:
         check_prior(prior, masked_shapes(model))
-    check_train_memory(model, opts, n, m)
+    check_train_memory(model, opts, n, m, device)
     ckpt = None
     if resume is not None:
         ckpt = check_resume(resume, fingerprint, opts, world)
@@ -65,28 +65,29 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
             prior: str | Mapping[str, torch.Tensor] | None = None, prior_options: dict | None = None,
             corpus: Corpus | None = None, work_dir: str | Path | None = None,
             resume: str | Path | None = None, until: int | None = None, progress: bool = True,
-            accelerator=None, **overrides) -> MaskLLMResult:
+            device: str | None = None, accelerator=None, **overrides) -> MaskLLMResult:
     """Learn an N:M mask for every decoder linear of ``model`` and apply it (in place).
 
     ``prior``: ``None`` (random init), a one-shot method name (``sparsegpt`` mask-only, the
     reference's default; ``wanda``; ``magnitude``) whose ``prune`` options are
     ``prior_options``, or a ``{weight name: bool keep-mask}`` dict (e.g. a mask file, or a
     previous run's masks: transfer). ``work_dir`` receives ``train_log.jsonl`` and
-    ``checkpoints/``; ``resume`` is such a directory. ``overrides`` set option fields.
+    ``checkpoints/``; ``resume`` is such a directory. ``device``: where to train (``cpu``,
+    ``cuda``; ``None``: CUDA when available); the prior runs there too. ``overrides`` set option
+    fields.
     """
-    from accelerate import Accelerator
-
     opts = validated(MaskLLMOptions, {**(options.model_dump() if options else {}), **overrides})
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    acc = accelerator or accelerator_for(device)
     fingerprint = model_fingerprint(model, opts.pattern, prior_fingerprint(prior, prior_options))
-    n, m, ckpt = validate(model, opts, prior, resume, acc.num_processes, fingerprint)
+    n, m, ckpt = validate(model, opts, prior, resume, acc.num_processes, fingerprint, acc.device)
     stream, corpus = training_stream(opts.train_data, tokenizer, opts.seqlen, opts.seed, corpus)
 
     prior_name = prior if isinstance(prior, str) or prior is None else "masks"
     t0 = time.perf_counter()
     if isinstance(prior, str) and ckpt is None:  # a resumed run takes its logits from the checkpoint
         # calibrate on the training text by default, in windows as long as the training ones
-        calib = {"calib": opts.train_data, "seqlen": opts.seqlen, "seed": opts.seed, **(prior_options or {})}
+        calib = {"calib": opts.train_data, "seqlen": opts.seqlen, "seed": opts.seed, "device": str(acc.device),
+                 **(prior_options or {})}
         prior = oneshot_prior(model, tokenizer, opts.pattern, prior, progress=progress, **calib)
     prior_s = time.perf_counter() - t0
     noise = NoiseSource(opts.seed)
@@ -107,7 +108,7 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
     keep = detach_masks(model, apply=True)
     report = {"pattern": opts.pattern, "steps": trainer.step, "options": opts.model_dump(),
               "prior": prior_name,
-              "data": corpus.label, "world_size": acc.num_processes,
+              "data": corpus.label, "world_size": acc.num_processes, "device": str(acc.device),
               "tokens": stream.state.windows * opts.seqlen, "prior_seconds": prior_s,
               "train_seconds": train_s, "final": log[-1] if log else None,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -23,25 +23,25 @@ from llmprune.data.sources import load_corpus
 from llmprune.errors import LLMPruneError
 from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import save_pruned
-from llmprune.maskllm.api import ONESHOT_PRIORS, maskllm
-from llmprune.maskllm.options import MaskLLMOptions
-from llmprune.masks import MaskSet
-from llmprune.masks.files import read_packed
-from llmprune.options import PositiveInt
-from llmprune.pipeline import (
+from llmprune.jobs.context import (
     Job,
-    _versions,
     check_run,
     evaluate_stage,
     job_inputs,
     load,
-    peak_rss_mb,
+    ppl_seqlen,
     report,
     run_stages,
 )
+from llmprune.jobs.header import header
+from llmprune.jobs.kind import JobKind
+from llmprune.maskllm.api import ONESHOT_PRIORS, maskllm
+from llmprune.maskllm.options import MaskLLMOptions
+from llmprune.masks import MaskSet
+from llmprune.masks.files import MASK_FILE, read_packed
+from llmprune.options import PositiveInt
 from llmprune.train.trainer import check_resume_dir, checkpoint_dir
 
-MASK_FILE = "masks.npz"
 LOG_FILE = "train_log.jsonl"
 
 
@@ -80,7 +80,8 @@ def learn(job: Job) -> None:
     work = Path(config.resume).expanduser().resolve() if config.resume else checkpoint_dir(config.out)
     result = maskllm(job.model, job.tokenizer, MaskLLMOptions.pick(config), prior=prior,
                      prior_options={"nsamples": config.prior_nsamples}, corpus=job.extra["corpus"],
-                     work_dir=work, resume=config.resume, progress=job.progress)
+                     work_dir=work, resume=config.resume, progress=job.progress, device=job.device)
+    job.device = result.report["device"]  # where it trained (the accelerator's device)
     job.extra.update(result=result, work=work)
 
 
@@ -89,13 +90,9 @@ def save(job: Job) -> None:
     result = job.extra["result"]
     masks = MaskSet(result.masks)
     sparsity = measure_sparsity(job.model)
-    job.report = {
-        "kind": "maskllm", "versions": _versions(), "recipe": config.model_dump(exclude={"out", "overwrite"}),
-        "model": {"name": config.model, "class": type(job.model).__name__, "prunable_params": sparsity["params"]},
-        "device": job.device, "target": config.pattern, "sparsity": sparsity["overall"],
-        "maskllm": result.report, "masks": {"file": MASK_FILE, "nm": masks.nm()},
-        "ppl": job.ppl, "timings": job.timings, "peak_rss_mb": peak_rss_mb(),
-    }
+    job.report = {**header(job), "target": config.pattern, "sparsity": sparsity["overall"],
+                  "maskllm": result.report, "masks": {"file": MASK_FILE, "nm": masks.nm()}}
+    job.report["model"]["prunable_params"] = sparsity["params"]
     if not config.out:
         return
     log = "".join(json.dumps(r) + "\n" for r in result.log).encode()
@@ -114,3 +111,23 @@ MASKLLM = (validate, load, evaluate_stage("before"), learn, save, evaluate_stage
 def run_maskllm(config: MaskLLMConfig, model=None, tokenizer=None, progress: bool = True) -> Job:
     """Run a MaskLLM job (``model`` may be given loaded, with its ``tokenizer``)."""
     return run_stages(Job(config, model, kind="maskllm", tokenizer=tokenizer, progress=progress), MASKLLM)
+
+
+def summary(report: dict) -> list[str]:
+    m = report["maskllm"]
+    final = m.get("final") or {}
+    return [f"maskllm {report['target']}, prior {m['prior']}, {m['steps']} steps, {m['tokens']} tokens of {m['data']}"
+            + (f", final loss {final['ce']:.4f}" if "ce" in final else ""),
+            f"sparsity of decoder linears: {report['sparsity']:.4f}"]
+
+
+def _windows(c: MaskLLMConfig) -> list[tuple[str, int]]:
+    return [("seqlen", c.seqlen)] + ([("ppl_seqlen", ppl_seqlen(c))] if c.ppl else [])
+
+
+KIND = JobKind(
+    name="maskllm", config=MaskLLMConfig, run=lambda c, progress: run_maskllm(c, progress=progress).report,
+    summary=summary, output="sparse", trains=True, reads=lambda c: {"train_data": c.train_data},
+    files=lambda c: {} if c.prior in (None, "none", *ONESHOT_PRIORS) else {"prior": c.prior},
+    windows=_windows, command="learn N:M masks end to end (MaskLLM) and apply them",
+    saved_note="masks: {out}/masks.npz, report: {out}/pruning.json")

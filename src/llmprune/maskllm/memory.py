@@ -11,6 +11,7 @@ from llmprune.engine.memory import check_fits
 from llmprune.maskllm.options import MaskLLMOptions
 from llmprune.models.adapter import masked_linears
 from llmprune.models.layers import decoder_layers
+from llmprune.train.trainer import model_bytes_to_move
 
 
 def estimate_train_bytes(model: nn.Module, opts: MaskLLMOptions, n: int, m: int) -> dict[str, int]:
@@ -37,9 +38,12 @@ def estimate_train_bytes(model: nn.Module, opts: MaskLLMOptions, n: int, m: int)
             "activations": int(34 * tokens * width * layers * param.element_size() / 2) + 2 * 4 * tokens * vocab}
 
 
-def check_train_memory(model: nn.Module, opts: MaskLLMOptions, n: int, m: int) -> None:
-    """Refuse a run whose training state clearly does not fit, with the numbers."""
-    check_fits(estimate_train_bytes(model, opts, n, m), next(model.parameters()).device,
+def check_train_memory(model: nn.Module, opts: MaskLLMOptions, n: int, m: int,
+                       device: str | torch.device | None = None) -> None:
+    """Refuse a run whose training state clearly does not fit on ``device`` (where it trains;
+    default: where the model is), with the numbers."""
+    device = device if device is not None else next(model.parameters()).device
+    check_fits({**model_bytes_to_move(model, device), **estimate_train_bytes(model, opts, n, m)}, device,
                "MaskLLM training",
                f"lower --batch-size ({opts.batch_size}) or --seqlen ({opts.seqlen}) and raise "
                "--grad-accum, or spread the run over more devices")

@@ -26,6 +26,24 @@ def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor | None:
     return mask.reshape(-1, m).sum(dim=1)
 
 
+def complete_nm(nonzero: torch.Tensor, n: int, m: int, name: str = "mask") -> torch.Tensor:
+    """The N:M keep-mask of weights whose nonzeros are known but whose kept zeros are not: each
+    group of ``m`` with fewer than ``n`` nonzeros keeps its first zero positions too, so the
+    result is exactly N:M (a weight that was kept but happens to be 0 stays a kept 0). A group
+    with more than ``n`` nonzeros is not N:M: an error."""
+    from llmprune.errors import LLMPruneError
+
+    counts = group_counts(nonzero, m)
+    if counts is None:
+        raise LLMPruneError(f"{name}: last dimension {nonzero.shape[-1]} is not a multiple of M={m}")
+    if bool((counts > n).any()):
+        raise LLMPruneError(f"{name} has groups with more than {n} of {m} nonzero weights: it is not {n}:{m}")
+    groups = nonzero.reshape(-1, m)
+    short = (n - counts).unsqueeze(1)  # how many zeros each group must keep
+    rank = (~groups).cumsum(dim=1)  # 1, 2, ... at each zero position, in order
+    return (groups | (~groups & (rank <= short))).reshape(nonzero.shape)
+
+
 def detect_nm(mask: torch.Tensor, candidates: tuple[int, ...] = NM_CANDIDATES) -> tuple[int, int] | None:
     """The finest ``(N, M)`` such that every group of M holds exactly N kept (0 < N < M), else None."""
     for m in candidates:

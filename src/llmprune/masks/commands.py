@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from llmprune.errors import LLMPruneError
+from llmprune.jobs.kind import JobKind
 from llmprune.masks import files
 from llmprune.masks.maskset import MaskSet, param_shapes
+from llmprune.options import Recipe
 from llmprune.sparsity.patterns import Target
 
 
@@ -54,37 +57,69 @@ def parse_target(pattern: str) -> Target:
 
 
 def export_masks(model: str, out: str | Path, overwrite: bool = False, trust_remote_code: bool = False) -> dict:
-    """Write the nonzero pattern of ``model``'s prunable linears to ``out`` (MaskLLM layout)."""
+    """Write the mask of ``model``'s prunable linears to ``out`` (MaskLLM layout): as recorded in a
+    llmprune output (its ``masks.npz``, or its weights completed to the N:M pattern its report
+    records), else the nonzero pattern of the weights."""
     from llmprune.export.save import check_output_file
     from llmprune.models.loading import check_model_exists, input_paths, load_model
 
     out = check_output_file(out, overwrite, input_paths(model), what="a mask file", ours=is_mask_file)
     check_model_exists(model)
-    masks = MaskSet.from_model(load_model(model, trust_remote_code=trust_remote_code, need_tokenizer=False)[0])
+    loaded = load_model(model, trust_remote_code=trust_remote_code, need_tokenizer=False)[0]
+    local = Path(model).expanduser()
+    masks = MaskSet.of_output(local, loaded) if local.is_dir() else MaskSet.from_model(loaded)
     masks.save(out)
     return {"file": str(out), **masks.summary()}
 
 
+class MasksConfig(Recipe):
+    """``llmprune masks apply``: a model, a mask file, where to save the masked model."""
+
+    model: str = Field(description="bundled name, local HF dir, .gguf file or hub id")
+    masks: str = Field(description="mask file (.npz, MaskLLM layout)")
+    out: str = Field(description="directory for the masked model (HF dir + pruning.json)")
+    overwrite: bool = Field(False, strict=True, description="replace a previous 'masks apply' output at --out")
+    trust_remote_code: bool = Field(False, strict=True, description="allow the model repository's own code")
+
+
 def apply_masks(model: str, masks: str | Path, out: str | Path, overwrite: bool = False,
                 trust_remote_code: bool = False) -> dict:
-    """Load ``model``, zero what ``masks`` prunes, save a plain HF dir at ``out``; the report."""
+    """Load ``model``, zero what ``masks`` prunes, save a plain HF dir at ``out`` (with the mask
+    as its ``masks.npz``); the report."""
+    import time
+
     from llmprune.eval.sparsity import measure_sparsity
     from llmprune.export.save import check_output_dir, output_lock, save_pruned
+    from llmprune.jobs.context import Job
+    from llmprune.jobs.header import header
     from llmprune.models.loading import input_paths, load_model
 
+    config = MasksConfig(model=model, masks=str(masks), out=str(out), overwrite=overwrite,
+                         trust_remote_code=trust_remote_code)
     check_output_dir(out, overwrite, inputs=[*input_paths(model), masks], kind="masks")
     packed = files.read_packed(masks)
     with output_lock(out):
         if not _is_gguf(model):  # names and sizes checked on the meta model, before loading weights
             files.unpack(packed, model_shapes(model, trust_remote_code), source=str(masks))
+        t0 = time.perf_counter()
         loaded, tok = load_model(model, trust_remote_code=trust_remote_code)
+        job = Job(config, loaded, kind="masks", timings={"load_s": time.perf_counter() - t0})
         maskset = MaskSet(files.unpack(packed, param_shapes(loaded), source=str(masks)))
         maskset.apply(loaded)
-        report = {"kind": "masks", "model": {"name": model, "class": type(loaded).__name__},
-                  "masks": {"file": str(masks), **maskset.summary()},
+        report = {**header(job), "masks": {"file": str(masks), **maskset.summary()},
                   "sparsity": measure_sparsity(loaded)["overall"]}
-        save_pruned(loaded, tok, out, report, overwrite=overwrite, inputs=[*input_paths(model), masks])
+        save_pruned(loaded, tok, out, report, overwrite=overwrite, inputs=[*input_paths(model), masks],
+                    extra_files={files.MASK_FILE: maskset.save})
     return report
+
+
+def summary(report: dict) -> list[str]:
+    return [f"masks from {report['masks']['file']}", f"sparsity of decoder linears: {report['sparsity']:.4f}"]
+
+
+KIND = JobKind(name="masks", config=MasksConfig,
+               run=lambda c, progress: apply_masks(c.model, c.masks, c.out, c.overwrite, c.trust_remote_code),
+               summary=summary, output="sparse", chain=False)
 
 
 def _packed_compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:

@@ -17,6 +17,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.export.save import atomic_file
 
 SUFFIX = ".mask"
+MASK_FILE = "masks.npz"  # the mask an output directory keeps beside its weights
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -30,13 +31,18 @@ def pack(mask: np.ndarray) -> np.ndarray:
 
 def write_packed(path: str | Path, masks: Mapping[str, np.ndarray]) -> Path:
     """Write ``{parameter name: bool array}`` to ``path`` atomically (temp file + ``os.replace``)."""
+    return write_bits(path, {name: pack(m) for name, m in masks.items()})
+
+
+def write_bits(path: str | Path, bits: Mapping[str, np.ndarray]) -> Path:
+    """Write ``{parameter name: packed bits}`` (:func:`pack`'s form) to ``path`` atomically."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise LLMPruneError(f"mask file {path} is a directory; give a file name such as masks.npz")
     if not path.parent.is_dir():
         raise LLMPruneError(f"directory {path.parent} of mask file {path.name} does not exist")
     with atomic_file(path, "wb") as f:  # a file object: numpy must not append ".npz" to the name
-        np.savez_compressed(f, **{name + SUFFIX: pack(m) for name, m in masks.items()})
+        np.savez_compressed(f, **{name + SUFFIX: b for name, b in bits.items()})
     return path
 
 

@@ -37,6 +37,25 @@ def _as_bool(name: str, value) -> torch.Tensor:
     return t
 
 
+def recorded_targets(directory: Path, n_layers: int) -> list[Target | None] | None:
+    """The pattern each decoder layer was pruned to, as ``directory``'s ``pruning.json`` says
+    (None: no report, or no N:M recorded)."""
+    from llmprune.export.save import REPORT_FILE
+    from llmprune.report import load_report
+
+    if not (directory / REPORT_FILE).is_file():
+        return None
+    report = load_report(directory)
+
+    def parse(t) -> Target | None:
+        return Target.parse(t, None) if isinstance(t, str) and ":" in t else None
+
+    layers = report.get("layers") or []
+    if len(layers) == n_layers and all(isinstance(L, dict) and "target" in L for L in layers):
+        return [parse(L["target"]) for L in layers]
+    return [parse(report.get("target"))] * n_layers
+
+
 class MaskSet(Mapping[str, torch.Tensor]):
     """``{parameter name: bool keep-tensor}`` (True = the weight stays), on the CPU.
 
@@ -66,10 +85,43 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model: nn.Module) -> MaskSet:
-        """The nonzero pattern of every prunable decoder linear of ``model``."""
+    def from_model(cls, model: nn.Module, targets: Target | Sequence[Target | None] | None = None) -> MaskSet:
+        """The keep-masks of every prunable decoder linear of ``model`` read off its weights.
+
+        Without ``targets``, the nonzero pattern (a weight that was kept but is exactly 0 reads as
+        pruned). With the N:M pattern that was pruned to (one for every layer, or one per decoder
+        layer), each group is completed to exactly N kept positions, so the mask is exactly N:M.
+        Where a mask was recorded (``masks.npz``), read that instead: :meth:`load`.
+        """
         params = dict(model.named_parameters())
-        return cls({name: params[name] != 0 for name in prunable_names(model)})
+        layers = decoder_layers(model)
+        per_layer = list(targets) if isinstance(targets, Sequence) else [targets] * len(layers)
+        if len(per_layer) != len(layers):
+            raise LLMPruneError(f"{len(per_layer)} targets for {len(layers)} decoder layers")
+        owner = {id(p): i for i, layer in enumerate(layers) for p in prunable_weights(layer).values()}
+        out = {}
+        for name in prunable_names(model):
+            nonzero = params[name] != 0
+            t = per_layer[owner[id(params[name])]]
+            out[name] = checks.complete_nm(nonzero.cpu(), t.n, t.m, name) if t is not None and t.is_nm else nonzero
+        return cls(out)
+
+    @classmethod
+    def of_output(cls, directory: str | Path, model: nn.Module) -> MaskSet:
+        """The mask of the model saved in ``directory``, as recorded: its ``masks.npz`` when it has
+        one; else its weights, each group completed to the N:M pattern its ``pruning.json`` records
+        (per layer where it records layers); else (a plain HF directory) its nonzeros."""
+        d = Path(directory).expanduser()
+        if (d / files.MASK_FILE).is_file():
+            return cls.load(d / files.MASK_FILE, model)
+        return cls.from_model(model, recorded_targets(d, len(decoder_layers(model))))
+
+    @classmethod
+    def from_bits(cls, bits: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]] | nn.Module) -> MaskSet:
+        """Masks from packed bits (:func:`files.pack`'s form), e.g. what the engine recorded."""
+        if isinstance(shapes, nn.Module):
+            shapes = param_shapes(shapes)
+        return cls(files.unpack(bits, shapes))
 
     @classmethod
     def load(cls, path: str | Path, shapes: Mapping[str, Sequence[int]] | nn.Module) -> MaskSet:

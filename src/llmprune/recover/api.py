@@ -27,7 +27,7 @@ from llmprune.recover.memory import check_recover_memory
 from llmprune.recover.options import RecoverOptions
 from llmprune.recover.task import LoraTask, MaskedFinetuneTask, recover_fingerprint
 from llmprune.train.stream import training_stream
-from llmprune.train.trainer import Trainer, check_resume
+from llmprune.train.trainer import Trainer, accelerator_for, check_resume
 
 
 @dataclass
@@ -69,7 +69,7 @@ def pruned_nonzero(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> int:
     return sum(int((params[n][~m.to(params[n].device)] != 0).sum()) for n, m in masks.items())
 
 
-def validate(model: nn.Module, opts: RecoverOptions, masks, resume, world: int
+def validate(model: nn.Module, opts: RecoverOptions, masks, resume, world: int, device: torch.device | None = None
              ) -> tuple[dict[str, torch.Tensor], list[str] | None, Path | None]:
     """Every check that needs no data pass: context, peft, LoRA targets, masks, memory, resume."""
     ctx = context_length(model)
@@ -80,7 +80,7 @@ def validate(model: nn.Module, opts: RecoverOptions, masks, resume, world: int
         lora.require_peft()
         targets = lora.lora_targets(model, opts.lora_targets)
     keep = model_masks(model, masks)
-    check_recover_memory(model, opts, targets)
+    check_recover_memory(model, opts, targets, device)
     ckpt = None
     if resume is not None:
         ckpt = check_resume(resume, recover_fingerprint(model, keep, opts.mode), opts, world)
@@ -91,7 +91,7 @@ def recover(model: nn.Module, tokenizer, options: RecoverOptions | None = None, 
             masks: Mapping[str, torch.Tensor] | None = None, corpus: Corpus | None = None,
             work_dir: str | Path | None = None, resume: str | Path | None = None,
             until: int | None = None, finish: bool = True, progress: bool = True,
-            accelerator=None, **overrides) -> RecoverResult:
+            device: str | None = None, accelerator=None, **overrides) -> RecoverResult:
     """Fine-tune ``model`` (pruned; in place) to recover quality, keeping its mask exactly.
 
     ``masks``: ``{weight name: bool keep-mask}`` for some or all decoder linears (others: the
@@ -99,13 +99,12 @@ def recover(model: nn.Module, tokenizer, options: RecoverOptions | None = None, 
     weights; ``mode="lora"`` trains a ``peft`` LoRA adapter and, with ``finish`` and without
     ``keep_adapter``, merges it and re-applies the mask (``report["remask"]`` says how much of
     the update that dropped). ``work_dir`` receives ``train_log.jsonl`` and ``checkpoints/``;
-    ``resume`` is such a directory. ``overrides`` set option fields.
+    ``resume`` is such a directory. ``device``: where to train (``cpu``, ``cuda``; ``None``: CUDA
+    when available). ``overrides`` set option fields.
     """
-    from accelerate import Accelerator
-
     opts = validated(RecoverOptions, {**(options.model_dump() if options else {}), **overrides})
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    keep, targets, ckpt = validate(model, opts, masks, resume, acc.num_processes)
+    acc = accelerator or accelerator_for(device)
+    keep, targets, ckpt = validate(model, opts, masks, resume, acc.num_processes, acc.device)
     stream, corpus = training_stream(opts.train_data, tokenizer, opts.seqlen, opts.seed, corpus)
     if masks is not None:
         MaskSet({n: keep[n] for n in masks}).apply(model)  # the given pattern, before the fingerprint
@@ -130,7 +129,7 @@ def recover(model: nn.Module, tokenizer, options: RecoverOptions | None = None, 
             lora.unwrap(trained)
         raise
     report = {"mode": opts.mode, "steps": trainer.step, "options": opts.model_dump(),
-              "data": corpus.label, "world_size": acc.num_processes,
+              "data": corpus.label, "world_size": acc.num_processes, "device": str(acc.device),
               "tokens": stream.state.windows * opts.seqlen, "train_seconds": train_s,
               "final": log[-1] if log else None,
               "masks": {"given": masks is not None, "sparsity": sparsity,

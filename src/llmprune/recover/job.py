@@ -25,19 +25,20 @@ from llmprune.config import RunOptions
 from llmprune.data.sources import load_corpus
 from llmprune.eval.sparsity import measure_sparsity
 from llmprune.export.save import REPORT_FILE, save_pruned
-from llmprune.masks import MaskSet
-from llmprune.masks.files import read_packed
-from llmprune.pipeline import (
+from llmprune.jobs.context import (
     Job,
-    _versions,
     check_run,
     evaluate_stage,
     job_inputs,
     load,
-    peak_rss_mb,
+    ppl_seqlen,
     run_stages,
 )
-from llmprune.pipeline import report as final_report
+from llmprune.jobs.context import report as final_report
+from llmprune.jobs.header import header
+from llmprune.jobs.kind import JobKind
+from llmprune.masks import MaskSet
+from llmprune.masks.files import MASK_FILE, read_packed
 from llmprune.recover import lora
 from llmprune.recover.api import merge_adapter, pruned_nonzero, recover, remask_result
 from llmprune.recover.options import RecoverOptions
@@ -85,11 +86,19 @@ def validate(job: Job) -> None:
 def train(job: Job) -> None:
     """Masked fine-tuning or LoRA training; a LoRA adapter stays unmerged for the next stages."""
     config: RecoverConfig = job.config
-    masks = dict(MaskSet.load(config.masks, job.model)) if config.masks else None
+    # the mask as recorded: a mask file, the input's masks.npz, or its zeros completed to the
+    # N:M pattern its pruning.json records (never a kept weight that happens to be 0 lost)
+    if config.masks:
+        masks = dict(MaskSet.load(config.masks, job.model))
+    elif isinstance(config.model, str) and Path(config.model).expanduser().is_dir():
+        masks = dict(MaskSet.of_output(config.model, job.model))
+    else:
+        masks = None
     work = Path(config.resume).expanduser().resolve() if config.resume else checkpoint_dir(config.out)
     result = recover(job.model, job.tokenizer, RecoverOptions.pick(config), masks=masks,
                      corpus=job.extra["corpus"], work_dir=work, resume=config.resume, finish=False,
-                     progress=job.progress)
+                     progress=job.progress, device=job.device)
+    job.device = result.report["device"]  # where it trained (the accelerator's device)
     job.model = result.model
     job.extra.update(result=result, work=work)
 
@@ -133,7 +142,7 @@ def save(job: Job) -> None:
         if config.out:
             log = "".join(json.dumps(r) + "\n" for r in result.log).encode()
             recipe = yaml.safe_dump({"recover": job.report["recipe"]}, sort_keys=False, allow_unicode=True)
-            extra = {LOG_FILE: log}
+            extra = {LOG_FILE: log, MASK_FILE: MaskSet(result.masks).save}
             if adapter:
                 extra[ADAPTER_DIR] = lambda path: shutil.copytree(tmp, path)
             job.saved = save_pruned(job.model, job.tokenizer, config.out, job.report, recipe,
@@ -154,17 +163,13 @@ def build_report(job: Job, adapter: bool) -> dict:
     result = job.extra["result"]
     sparsity = measure_sparsity(job.model)  # the (base) model as saved
     masks = result.report["masks"]
-    return {
-        "kind": "recover", "versions": _versions(),
-        "recipe": config.model_dump(exclude={"out", "overwrite"}),
-        "model": {"name": config.model, "class": type(job.model).__name__,
-                  "prunable_params": sparsity["params"]},
-        "input": job.extra.get("input"), "device": job.device, "mode": config.mode,
-        "target": masks["nm"] or f"sparsity {masks['sparsity']:.4f}",
-        "sparsity": sparsity["overall"], "recover": result.report,
-        "adapter": ADAPTER_DIR if adapter and config.out else None,
-        "ppl": job.ppl, "timings": job.timings, "peak_rss_mb": peak_rss_mb(),
-    }
+    out = header(job)
+    out["model"]["prunable_params"] = sparsity["params"]
+    return {**out, "input": job.extra.get("input"), "mode": config.mode,
+            "target": masks["nm"] or f"sparsity {masks['sparsity']:.4f}",
+            "sparsity": sparsity["overall"], "recover": result.report,
+            "masks": {"file": MASK_FILE, "nm": masks["nm"]},
+            "adapter": ADAPTER_DIR if adapter and config.out else None}
 
 
 def report(job: Job) -> None:
@@ -194,3 +199,35 @@ def recover_stages(config: RecoverConfig) -> tuple:
 def run_recover(config: RecoverConfig, model=None, tokenizer=None, progress: bool = True) -> Job:
     """Run a recovery job (``model`` may be given loaded, with its ``tokenizer``)."""
     return run_stages(Job(config, model, kind="recover", tokenizer=tokenizer, progress=progress), recover_stages(config))
+
+
+def summary(report: dict) -> list[str]:
+    """Recovery: mode, steps, the pattern kept, what re-masking cost."""
+    r = report["recover"]
+    final = r.get("final") or {}
+    mode = r["mode"] + (f" r={r['lora']['rank']}" if "lora" in r else "")
+    kept = r.get("pruned_nonzero")
+    lines = [f"recover {mode}, {r['steps']} steps, {r['tokens']} tokens of {r['data']}"
+             + (f", final loss {final['ce']:.4f}" if "ce" in final else ""),
+             f"sparsity of decoder linears: {report['sparsity']:.4f} (mask {report['target']}"
+             + ("" if kept is None else ", kept exactly" if kept == 0 else f", {kept} pruned weights nonzero") + ")"]
+    if report.get("adapter"):
+        lines.append(f"adapter saved in {report['adapter']}/ beside the untouched sparse base")
+    if "remask" in r:
+        lines.append(f"re-masking dropped {r['remask']['update_outside_mask']:.1%} of the LoRA update (‖ΔW‖²)")
+    for name, cost in (report.get("remask_cost") or {}).items():
+        lines.append(f"  PPL {name} merged, not re-masked: {cost['merged_ppl']:.3f}")
+    return lines
+
+
+def _windows(c: RecoverConfig) -> list[tuple[str, int]]:
+    return [("seqlen", c.seqlen)] + ([("ppl_seqlen", ppl_seqlen(c))] if c.ppl else [])
+
+
+KIND = JobKind(
+    name="recover", config=RecoverConfig, run=lambda c, progress: run_recover(c, progress=progress).report,
+    summary=summary, output="sparse", trains=True, reads=lambda c: {"train_data": c.train_data},
+    files=lambda c: {"masks": c.masks} if c.masks else {},
+    check=lambda c: lora.require_peft() if c.mode == "lora" else None,
+    windows=_windows, command="fine-tune a pruned model with its mask fixed (masked or LoRA)",
+    model_help="pruned directory (its recorded mask is kept), local HF dir, .gguf file or hub id")

@@ -8,6 +8,7 @@ from llmprune.engine.memory import check_fits
 from llmprune.models.adapter import masked_linears
 from llmprune.models.layers import decoder_layers
 from llmprune.recover.options import RecoverOptions
+from llmprune.train.trainer import model_bytes_to_move
 
 
 def estimate_recover_bytes(model: nn.Module, opts: RecoverOptions, targets: list[str] | None = None) -> dict[str, int]:
@@ -32,9 +33,12 @@ def estimate_recover_bytes(model: nn.Module, opts: RecoverOptions, targets: list
     return {"adapter": 4 * 4 * lora, "activations": act}
 
 
-def check_recover_memory(model: nn.Module, opts: RecoverOptions, targets: list[str] | None = None) -> None:
-    """Refuse a run whose training state clearly does not fit, with the numbers."""
-    check_fits(estimate_recover_bytes(model, opts, targets), next(model.parameters()).device,
+def check_recover_memory(model: nn.Module, opts: RecoverOptions, targets: list[str] | None = None,
+                         device=None) -> None:
+    """Refuse a run whose training state clearly does not fit on ``device`` (where it trains;
+    default: where the model is), with the numbers."""
+    device = device if device is not None else next(model.parameters()).device
+    check_fits({**model_bytes_to_move(model, device), **estimate_recover_bytes(model, opts, targets)}, device,
                f"recovery ({opts.mode})",
                f"lower --batch-size ({opts.batch_size}) or --seqlen ({opts.seqlen}) and raise "
                "--grad-accum" + (", or use --mode lora" if opts.mode == "masked" else ""))

@@ -7,6 +7,7 @@ needs the real kernels. Nothing here assumes the sparse path is faster: the call
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
@@ -46,16 +47,30 @@ def unsupported_reason(device: torch.device, cap: tuple[int, int] | None) -> str
 
 
 def torchao_available() -> bool:
-    return importlib.util.find_spec("torchao") is not None
+    """Whether the installed torchao still has its 2:4 path: ``torchao.sparsity`` with
+    ``sparsify_`` and a semi-sparse weight config. torchao deleted ``torchao.sparsity`` in August
+    2026 (pytorch/ao #4728; 0.18.0 has none); PyTorch core's semi-structured tensors remain."""
+    if importlib.util.find_spec("torchao") is None:
+        return False
+    try:
+        ts = importlib.import_module("torchao.sparsity")
+    except ImportError:
+        return False
+    return hasattr(ts, "sparsify_") and (hasattr(ts, "SemiSparseWeightConfig") or hasattr(ts, "semi_sparse_weight"))
 
 
 def choose_backend(wanted: str = "auto", has_torchao: bool | None = None) -> str:
-    """``"torchao"`` (``sparsify_`` with ``semi_sparse_weight``) when asked for or, with
-    ``auto``, when installed; else ``"torch"`` (``torch.sparse.to_sparse_semi_structured``)."""
+    """``"torchao"`` (``sparsify_`` with a semi-sparse weight config) when asked for or, with
+    ``auto``, when the installed torchao still has it; else ``"torch"`` (PyTorch core's
+    ``torch.sparse.to_sparse_semi_structured``). The report names the backend that ran."""
     if wanted not in BACKENDS:
         raise LLMPruneError(f"unknown 2:4 backend {wanted!r}; use {', '.join(BACKENDS)}")
     has = torchao_available() if has_torchao is None else has_torchao
     if wanted == "torchao" and not has:
+        if importlib.util.find_spec("torchao") is not None:
+            raise LLMPruneError(f"--backend torchao asked for, but torchao {backend_version('torchao')} has no 2:4 path "
+                                "(torchao.sparsity was removed in August 2026, pytorch/ao #4728); use --backend "
+                                "torch (PyTorch core's semi-structured tensors)")
         raise LLMPruneError("--backend torchao asked for, but torchao is not installed: pip install torchao "
                             "(or use --backend torch)")
     if wanted == "auto":

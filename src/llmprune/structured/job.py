@@ -19,7 +19,18 @@ from llmprune.config import RunOptions
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
 from llmprune.export.save import save_pruned
-from llmprune.pipeline import Job, check_run, evaluate_stage, job_inputs, load, report, run_stages
+from llmprune.jobs.context import (
+    Job,
+    check_run,
+    evaluate_stage,
+    job_inputs,
+    load,
+    ppl_seqlen,
+    report,
+    run_stages,
+)
+from llmprune.jobs.header import header
+from llmprune.jobs.kind import JobKind
 from llmprune.structured.api import StructuredResult, plan_structured, structured
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.speed import measure_speed
@@ -73,17 +84,14 @@ def prune(job: Job) -> None:
     config: StructuredConfig = job.config
     result = structured(job.model, job.tokenizer, StructuredOptions.pick(config), ids=job.ids,
                         device=job.device, progress=job.progress)
-    job.report = result.report
-    job.report.pop("timings")  # the job's own stage timings stand for these
-    job.report.update(kind="structured", model={"name": config.model, "class": type(job.model).__name__}, device=job.device,
-                      ppl=job.ppl, speed=job.extra.setdefault("speed", {}), timings=job.timings)
+    result.report.pop("timings")  # the job's own stage timings stand for these
+    job.report = {**header(job), **result.report, "speed": job.extra.setdefault("speed", {})}
 
 
 def save(job: Job) -> None:
     config: StructuredConfig = job.config
     if config.out:
-        recipe = yaml.safe_dump({"structured": config.model_dump(exclude={"out", "overwrite"})},
-                                sort_keys=False, allow_unicode=True)
+        recipe = yaml.safe_dump({"structured": job.report["recipe"]}, sort_keys=False, allow_unicode=True)
         job.saved = save_pruned(job.model, job.tokenizer, config.out, job.report, recipe, config.overwrite,
                                 inputs=job_inputs(job))
 
@@ -104,3 +112,31 @@ def structured_job(model: str | nn.Module, config: StructuredConfig | dict | Non
     cfg = StructuredConfig(**{**data, **overrides})
     job = run_stages(Job(cfg, model, kind="structured", tokenizer=tokenizer, ids=ids, progress=progress), STRUCTURED)
     return StructuredResult(job.model, job.report)
+
+
+def summary(report: dict) -> list[str]:
+    """Structured pruning: what was removed, parameters before / after, measured speed."""
+    params = report["params"]
+    lines = [f"{report['method']}: parameters {params['before']:,} -> {params['after']:,} "
+             f"({100 * params['removed_share']:.2f}% removed)"]
+    if report["method"] == "osscar" and "osscar" in report:
+        w = report["osscar"]["intermediate_size"]
+        lines.append(f"MLP width {w['before']} -> {w['after']} in every layer ({report['osscar']['selection']})")
+    if report["method"] == "depth" and "depth" in report:
+        d = report["depth"]
+        lines.append(f"removed layers {d['removed_layers']} (score {d['score']})")
+    speed = report.get("speed") or {}
+    if "decode_speedup" in speed:
+        lines.append(f"CPU decode x{speed['decode_speedup']:.2f}, prefill x{speed['prefill_speedup']:.2f}")
+    return lines
+
+
+def _windows(c: StructuredConfig) -> list[tuple[str, int]]:
+    return [("seqlen", c.seqlen)] + ([("ppl_seqlen", ppl_seqlen(c))] if c.ppl else [])
+
+
+KIND = JobKind(
+    name="structured", config=StructuredConfig,
+    run=lambda c, progress: structured_job(c.model, c, progress=progress).report,
+    summary=summary, output="dense", reads=lambda c: {"calib": c.calib}, windows=_windows,
+    command="make the model physically smaller: OSSCAR MLP width or depth")

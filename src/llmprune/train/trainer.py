@@ -123,6 +123,25 @@ def run_options(opts: Options, world: int) -> dict:
     return d
 
 
+def accelerator_for(device: str | None = None):
+    """The ``accelerate`` Accelerator for a job's ``device``: ``cpu`` trains on the CPU even where
+    CUDA is available; ``cuda`` (or ``None``: CUDA where there is one) on the process's GPU.
+    Under ``accelerate launch`` each process takes its own device as accelerate assigns it."""
+    from accelerate import Accelerator
+
+    on_cpu = str(device).startswith("cpu") if device is not None else not torch.cuda.is_available()
+    return Accelerator(cpu=on_cpu)
+
+
+def model_bytes_to_move(model: nn.Module, device: str | torch.device) -> dict[str, int]:
+    """The model's own bytes where training will move it, when that is not where it is now (a
+    memory estimate for another device must count the weights too)."""
+    here = next(model.parameters()).device
+    if torch.device(device).type == here.type:
+        return {}
+    return {"model": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
 def check_resume_dir(path: str | Path) -> Path:
     """The checkpoint a ``--resume`` directory holds, read as far as can be without the model
     (pointer, JSON record, safetensors header): a damaged one is one line before anything loads."""
