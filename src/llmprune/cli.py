@@ -70,9 +70,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from llmprune.eval.zeroshot import TaskOptions, format_tasks
     from llmprune.export.save import check_output_file, json_of_kind, write_json
+    from llmprune.jobs.header import versions
     from llmprune.models.loading import input_paths
     from llmprune.options import validated
-    from llmprune.jobs.header import versions
     from llmprune.pipeline import evaluate
 
     out = None
@@ -210,9 +210,9 @@ def _bench_speed_parser(sub) -> None:
 
 def _cmd_bench_speed(args: argparse.Namespace) -> int:
     from llmprune.export.save import check_output_file, json_of_kind, write_json
+    from llmprune.jobs.header import versions
     from llmprune.models.loading import input_paths
     from llmprune.options import validated
-    from llmprune.jobs.header import versions
     from llmprune.speed.bench import SpeedOptions, bench_speed, format_report
 
     opts = vars(args)
