@@ -157,7 +157,7 @@ def family_model(name: str, layers: int = 4, seed: int = 0):
 
 
 # ---- the tripwire: fail the moment heavy work starts --------------------------------------------
-def _arm(monkeypatch, weights: bool) -> None:
+def arm_tripwire(monkeypatch, weights: bool) -> None:
     """Every entry to heavy work raises: reading model weights (``weights``), a calibration layer
     walk (pruning, OSSCAR, OWL's statistics, a one-shot prior), MaskLLM's learnable masks, a LoRA
     adapter, tokenising the training stream, training."""
@@ -186,10 +186,10 @@ def _arm(monkeypatch, weights: bool) -> None:
 @pytest.fixture
 def no_heavy_work(monkeypatch):
     """Bad input must be refused before any heavy work, reading the model's weights included."""
-    _arm(monkeypatch, weights=True)
+    arm_tripwire(monkeypatch, weights=True)
 
 
 @pytest.fixture
 def no_pruning(monkeypatch):
     """Bad input that needs the loaded model must be refused before any work beyond loading it."""
-    _arm(monkeypatch, weights=False)
+    arm_tripwire(monkeypatch, weights=False)

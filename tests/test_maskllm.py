@@ -351,13 +351,11 @@ def test_bad_prior_dict_names_the_first_bad_key(tokenizer, no_pruning):
         maskllm(model, tokenizer, prior={**prior, "lm_head.weight": torch.ones(512, 64)}, **FAST)
 
 
-def test_resume_from_another_model_pattern_or_recipe_is_refused(tokenizer, corpus, tmp_path, no_pruning):
-    import llmprune.maskllm.api as api
-    from llmprune.train.stream import training_stream
+def test_resume_from_another_model_pattern_or_recipe_is_refused(tokenizer, corpus, tmp_path, monkeypatch):
+    from conftest import arm_tripwire
 
-    api.attach_masks, api.training_stream = attach_masks, training_stream  # only this run may work
     run(tokenizer, corpus, steps=2, checkpoint_every=1, work_dir=tmp_path / "a")
-    api.attach_masks = api.training_stream = None  # and nothing after it
+    arm_tripwire(monkeypatch, weights=False)  # only that run may work; every refusal comes before any
     cases = [
         (dict(model=tiny_model(), pattern="1:4"), "written for pattern 2:4, not 1:4"),
         (dict(model=tiny_model(seed=1)), "written for another model"),
