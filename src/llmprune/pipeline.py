@@ -43,7 +43,7 @@ from llmprune.models.layers import context_length, decoder_layers, linear_layers
 from llmprune.models.loading import check_model_exists, load_model
 from llmprune.report import allocation_plot
 from llmprune.sparsity.allocation import OWLAllocator, explicit_targets, weighted_mean
-from llmprune.sparsity.methods import METHODS, SOLVERS, required_stats
+from llmprune.sparsity.methods import METHODS, REFINERS, SOLVERS, required_stats
 from llmprune.sparsity.patterns import Target
 
 
@@ -225,7 +225,7 @@ def validate(job: Job) -> None:
     """Everything that can be checked before the model loads: options, data, device, output."""
     config = job.config.validate()
     job.allocator = make_allocator(config)
-    job.needs = required_stats(config.method, config.solver, config.recon_error) | (
+    job.needs = required_stats(config.method, config.solver, config.recon_error, config.refine) | (
         job.allocator.needs if job.allocator else frozenset())
     job.needs_tokenizer = bool(job.needs) and job.ids is None
     if job.ids is not None:
@@ -285,8 +285,9 @@ def plan(job: Job) -> None:
     config = job.config
     method = METHODS[config.method]
     solver = SOLVERS[config.solver or method.default_solver]
-    job.plan = LayerPlan(config.method, job.targets, config.solver,
-                         options=config.options_for(method.options, solver.options),
+    refiner = REFINERS[config.refine]
+    job.plan = LayerPlan(config.method, job.targets, config.solver, refine=config.refine,
+                         options=config.options_for(method.options, refiner.options, solver.options),
                          allocator=job.allocator, recon_error=config.recon_error,
                          true_sequential=job.true_sequential)
 

@@ -73,7 +73,8 @@ def summary(report: dict) -> str:
     t = report["timings"]
     lines = [
         f"model {report['model']['name']} ({report['model']['class']}, {report['model']['layers']} layers)",
-        f"method {r['method']}" + (f" + solver {r['solver']}" if r.get("solver") else "")
+        f"method {r['method']}" + (f" + refine {r['refine']}" if r.get("refine", "none") != "none" else "")
+        + (f" + solver {r['solver']}" if r.get("solver") else "")
         + f", target {report['target']}, calib {r['calib']} {r['nsamples']}x{r['seqlen']} seed {r['seed']}"
         + (f", {report['mode']} mode" if report.get("mode") else ""),
         f"sparsity of decoder linears: {report['sparsity']:.4f}",
