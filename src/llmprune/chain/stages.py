@@ -111,6 +111,7 @@ def preflight(plans: list[StagePlan]) -> None:
     from llmprune.eval.perplexity import check_eval_data
     from llmprune.eval.placement import check_device
     from llmprune.eval.zeroshot import load_tasks
+    from llmprune.maskllm.api import ONESHOT_PRIORS
     from llmprune.models.loading import check_model_exists
     from llmprune.pipeline import make_allocator
     from llmprune.sparsity.methods import required_stats
@@ -135,7 +136,7 @@ def preflight(plans: list[StagePlan]) -> None:
         data = None
         if kind == "prune":
             allocator = make_allocator(c)
-            if required_stats(c.method, c.solver, c.recon_error) or (allocator and allocator.needs):
+            if required_stats(c.method, c.solver, c.recon_error, c.refine) or (allocator and allocator.needs):
                 data = c.calib
         elif kind == "structured":
             data = c.calib
@@ -154,7 +155,7 @@ def preflight(plans: list[StagePlan]) -> None:
             once(("tasks", tuple(c.tasks), c.task_dir), lambda c=c: load_tasks(c.tasks, c.task_dir), where)
         for key in ("prior", "masks"):
             path = getattr(c, key, None)
-            if kind == "maskllm" and key == "prior" and path in (None, "none", "sparsegpt", "wanda", "magnitude"):
+            if kind == "maskllm" and key == "prior" and path in (None, "none", *ONESHOT_PRIORS):
                 continue
             if path is not None and path not in chain_files and not Path(path).expanduser().is_file():
                 raise LLMPruneError(f"{where}: {key} file {path} does not exist")

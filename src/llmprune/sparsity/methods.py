@@ -30,6 +30,7 @@ import torch
 from llmprune.options import Options
 from llmprune.sparsity.admm import ADMMOptions, admm_gradual, admm_update
 from llmprune.sparsity.patterns import Target, apply_target
+from llmprune.sparsity.ria import RIA
 from llmprune.sparsity.scores import magnitude_score, wanda_score
 from llmprune.sparsity.slots import Method, Refiner, Solver, Stats
 from llmprune.sparsity.sparsegpt import SparseGPTOptions, sparsegpt
@@ -76,6 +77,7 @@ METHODS: dict[str, Method] = _registry(
            options=SparseGPTOptions),
     Method("admm-grad", frozenset({"xtx"}), select=_admm_select, per="matrix", default_solver="admm",
            options=ADMMOptions, check=_admm_grad_check),
+    RIA,
 )
 
 REFINERS: dict[str, Refiner] = _registry(
