@@ -29,6 +29,7 @@ import torch
 
 from llmprune.options import Options
 from llmprune.sparsity.admm import ADMMOptions, admm_gradual, admm_update
+from llmprune.sparsity.dsnot import DSNOT
 from llmprune.sparsity.patterns import Target, apply_target
 from llmprune.sparsity.ria import RIA
 from llmprune.sparsity.scores import magnitude_score, wanda_score
@@ -82,6 +83,7 @@ METHODS: dict[str, Method] = _registry(
 
 REFINERS: dict[str, Refiner] = _registry(
     Refiner("none", frozenset(), lambda W, keep, stats, target, o: keep),
+    DSNOT,
 )
 
 SOLVERS: dict[str, Solver] = _registry(
