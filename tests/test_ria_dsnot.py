@@ -23,6 +23,7 @@ from llmprune.maskllm.api import ONESHOT_PRIORS
 from llmprune.models.adapter import per_expert_linears
 from llmprune.models.layers import decoder_layers, linear_layers
 from llmprune.options import Options, check_distinct_fields
+from llmprune.sparsity.admm import ADMMOptions
 from llmprune.sparsity.allocation import OWLAllocator, OWLOptions
 from llmprune.sparsity.dsnot import (
     REFERENCE_WINDOW,
@@ -291,7 +292,7 @@ def test_statistics_are_declared_by_name():
 
 # --- options: one namespace ---------------------------------------------------------------------
 def test_option_names_of_different_owners_do_not_collide():
-    owners = {SparseGPTOptions, RIAOptions, DSnoTOptions, OWLOptions}
+    owners = {SparseGPTOptions, ADMMOptions, RIAOptions, DSnoTOptions, OWLOptions}
     assert owners <= set(PRUNE_OWNERS)
     check_distinct_fields(PRUNE_OWNERS)  # what PruneConfig is built from
     fields = [f for o in PRUNE_OWNERS[1:] for f in o.model_fields]
@@ -336,6 +337,25 @@ def test_every_method_is_a_prior_and_a_chain_stage():
 
 
 # --- end to end ---------------------------------------------------------------------------------
+def test_cli_maskllm_with_the_ria_prior(tiny_dirs, tmp_path, capsys, monkeypatch):
+    import llmprune.maskllm.api as api
+
+    priors = []
+    real = api.oneshot_prior
+
+    def spy(model, tokenizer, pattern, method, **kw):
+        priors.append(method)
+        return real(model, tokenizer, pattern, method, **kw)
+
+    monkeypatch.setattr(api, "oneshot_prior", spy)
+    out = tmp_path / "learned"
+    rc = main(["maskllm", str(tiny_dirs["llama"]), "--pattern", "2:4", "--prior", "ria", "--steps", "1",
+               "--seqlen", "32", "--prior-nsamples", "2", "--out", str(out), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert priors == ["ria"]
+    assert json.loads((out / "pruning.json").read_text())["maskllm"]["prior"] == "ria"
+
+
 def test_cli_ria_with_dsnot(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "ria"
     rc = main(["prune", str(tiny_dirs["llama"]), "--method", "ria", "--pattern", "2:4", "--refine", "dsnot",
