@@ -77,9 +77,9 @@ def test_options_reach_the_method_typed(monkeypatch):
     seen = {}
     real = sequential.prune_weight
 
-    def spy(method, Ws, stats, target, solver=None, options=None):
+    def spy(method, Ws, stats, target, solver=None, options=None, **kw):
         seen.update(options)
-        return real(method, Ws, stats, target, solver=solver, options=options)
+        return real(method, Ws, stats, target, solver=solver, options=options, **kw)
 
     monkeypatch.setattr(sequential, "prune_weight", spy)
     from tests.conftest import tiny_model

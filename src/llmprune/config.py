@@ -23,10 +23,11 @@ from llmprune.options import (
     Options,
     PositiveInt,
     Recipe,
+    check_distinct_fields,
     validated,
 )
 from llmprune.sparsity.allocation import ALLOCATIONS, check_layer_ratios, check_owl_bounds
-from llmprune.sparsity.methods import METHODS, SOLVERS, option_classes
+from llmprune.sparsity.methods import METHODS, REFINERS, SOLVERS, option_classes
 from llmprune.sparsity.patterns import Target
 
 # Where the job writes is not part of the recipe: a saved recipe.yaml re-runs elsewhere.
@@ -103,6 +104,8 @@ class JobConfig(RunOptions):
     pattern: str | None = Field(None, description="N:M (N kept of every M inputs), e.g. 2:4; or 'unstructured'")
     solver: _one_of("solver", SOLVERS) | None = Field(None, description=f"weight update after the mask: {' | '.join(SOLVERS)} "
                                                  "(default: the method's own)")
+    refine: _one_of("refine", REFINERS) = Field("none", description=f"refine the method's mask before the solver: "
+                                                                    f"{' | '.join(REFINERS)} (dsnot: DSnoT swaps)")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
@@ -124,8 +127,14 @@ class JobConfig(RunOptions):
         return v
 
 
+# The owners whose options make up a one-shot recipe: the job, then every method, refiner, solver
+# and allocator that has settings. Their field names must differ (one namespace of keys and flags).
+PRUNE_OWNERS = (JobConfig, *option_classes(), *[c for c in ALLOCATIONS.values() if c])
+check_distinct_fields(PRUNE_OWNERS)
+
+
 # Bases in reverse: pydantic orders fields from the last base, so recipes list the job first.
-class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATIONS.values() if c]])):
+class PruneConfig(*reversed(PRUNE_OWNERS)):
     """One pruning job. Every field has the CLI flag of the same name (``_`` → ``-``)."""
 
     @property

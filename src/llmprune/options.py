@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
@@ -106,3 +106,26 @@ def validated(cls: type[BaseModel], data: dict, known: Iterable[str] | None = No
         return cls.model_validate(data)
     except ValidationError as e:
         raise LLMPruneError(error_message(e, cls.model_fields if known is None else known)) from None
+
+
+def _declared_by(cls: type[BaseModel], name: str) -> type[BaseModel]:
+    """The most basic class in ``cls``'s MRO that has the field ``name``."""
+    return next(k for k in reversed(cls.__mro__)
+                if isinstance(k, type) and issubclass(k, BaseModel) and name in k.model_fields)
+
+
+def check_distinct_fields(owners: Sequence[type[BaseModel]]) -> None:
+    """Refuse owners that declare a field of the same name.
+
+    A config built by inheritance from several owners (``PruneConfig``: the job's fields plus
+    every method's, refiner's, solver's and allocator's options) has one flat namespace: recipe
+    keys, ``--flags`` and keywords. Two owners declaring one name would silently share (or
+    shadow) it; a field two owners inherit from one common base is the same field, not a clash.
+    """
+    seen: dict[str, type[BaseModel]] = {}
+    for owner in owners:
+        for name in owner.model_fields:
+            first = seen.setdefault(name, owner)
+            if first is not owner and _declared_by(first, name) is not _declared_by(owner, name):
+                raise TypeError(f"option {name!r} is declared by both {first.__name__} and {owner.__name__}; "
+                                "options merge into one namespace (recipe keys, flags): rename one")

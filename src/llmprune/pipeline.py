@@ -55,7 +55,7 @@ from llmprune.models.layers import context_length, decoder_layers, linear_layers
 from llmprune.models.loading import load_model
 from llmprune.report import allocation_plot, format_allocation, format_recon
 from llmprune.sparsity.allocation import OWLAllocator, explicit_targets, weighted_mean
-from llmprune.sparsity.methods import METHODS, SOLVERS, required_stats
+from llmprune.sparsity.methods import METHODS, REFINERS, SOLVERS, required_stats
 from llmprune.sparsity.patterns import Target
 
 
@@ -170,7 +170,7 @@ def validate(job: PruneJob) -> None:
     """Everything that can be checked before the model loads: options, data, device, output."""
     config = job.config.validate()
     job.allocator = make_allocator(config)
-    job.needs = required_stats(config.method, config.solver, config.recon_error) | (
+    job.needs = required_stats(config.method, config.solver, config.recon_error, config.refine) | (
         job.allocator.needs if job.allocator else frozenset())
     job.needs_tokenizer = bool(job.needs) and job.ids is None
     if job.ids is not None:
@@ -204,8 +204,9 @@ def plan(job: PruneJob) -> None:
     config = job.config
     method = METHODS[config.method]
     solver = SOLVERS[config.solver or method.default_solver]
-    job.plan = LayerPlan(config.method, job.targets, config.solver,
-                         options=config.options_for(method.options, solver.options),
+    refiner = REFINERS[config.refine]
+    job.plan = LayerPlan(config.method, job.targets, config.solver, refine=config.refine,
+                         options=config.options_for(method.options, refiner.options, solver.options),
                          allocator=job.allocator, recon_error=config.recon_error,
                          true_sequential=job.true_sequential)
 
@@ -339,7 +340,8 @@ def evaluate(model: str | nn.Module, tokenizer=None, ppl: list[str] | str | None
 def summary(report: dict) -> list[str]:
     """The one-shot lines of ``llmprune report`` / the end-of-run summary."""
     r = report["recipe"]
-    lines = [f"method {r['method']}" + (f" + solver {r['solver']}" if r.get("solver") else "")
+    lines = [f"method {r['method']}" + (f" + refine {r['refine']}" if r.get("refine", "none") != "none" else "")
+             + (f" + solver {r['solver']}" if r.get("solver") else "")
              + f", target {report['target']}"
              + (f", calib {r['calib']} {r['nsamples']}x{r['seqlen']} seed {r['seed']}" if report.get("mode") else "")
              + (f", {report['mode']} mode" if report.get("mode") else ""),
@@ -351,7 +353,7 @@ def summary(report: dict) -> list[str]:
 
 
 def _reads(c: PruneConfig) -> dict[str, str]:
-    needs = required_stats(c.method, c.solver, c.recon_error)
+    needs = required_stats(c.method, c.solver, c.recon_error, c.refine)
     allocator = make_allocator(c)
     return {"calib": c.calib} if needs or (allocator and allocator.needs) else {}
 

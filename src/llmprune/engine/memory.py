@@ -135,7 +135,7 @@ def estimate_bytes(model: nn.Module, nsamples: int, seqlen: int, needs: frozense
 
     ``activations``: the inputs and outputs of one layer for every calibration row (in the
     model's dtype); ``statistics``: fp32 XᵀX per linear (an upper bound: linears that share an
-    input share one) plus a solver's working copies of the largest one, or Σx² vectors;
+    input share one) plus a solver's working copies of the largest one, and Σx² / E[x] vectors;
     ``layer``: one decoder layer's weights, moved to the device. With ``true_sequential`` also
     ``held``: what every row keeps alive while the rows wait at a linear — at down_proj its
     input, the MLP's input, the residual stream and the attention output, i.e. the widest linear
@@ -150,8 +150,8 @@ def estimate_bytes(model: nn.Module, nsamples: int, seqlen: int, needs: frozense
     stats = 0
     if "xtx" in needs and ins:
         stats = 4 * (sum(i * i for i in ins) + 3 * max(ins) ** 2)
-    elif "col_sq" in needs:
-        stats = 4 * sum(ins)
+    vectors = needs & ({"col_mean"} if "xtx" in needs else {"col_sq", "col_mean"})  # col_sq: XᵀX's diagonal
+    stats += 4 * sum(ins) * len(vectors)
     tokens, elt = nsamples * seqlen, param.element_size()
     parts = {"activations": 2 * tokens * width * elt, "statistics": stats,
              "layer": sum(p.numel() * p.element_size() for p in layer.parameters())}

@@ -49,7 +49,7 @@ from llmprune.sparsity.recon import relative_recon_error
 
 @dataclass
 class LayerPlan:
-    """What to do with each decoder layer: the method, solver and per-layer targets.
+    """What to do with each decoder layer: the method, refiner, solver and per-layer targets.
 
     Give ``targets`` (one per layer, fixed up front: uniform, explicit) or an ``allocator``
     that computes them from a dense statistics pass (OWL); not both.
@@ -58,6 +58,7 @@ class LayerPlan:
     method: str
     targets: list[Target] | None = None
     solver: str | None = None
+    refine: str = "none"  # a refiner of the method's masks (REFINERS), before the solver
     options: OptionSet = field(default_factory=dict)  # typed options by owner; missing = defaults
     allocator: Allocator | None = None
     recon_error: bool = False  # collect XᵀX even if the method needs none, to report the error
@@ -144,15 +145,17 @@ def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, pl
         target.check_shape(W.shape[1], n)
     group_stats = stats.get(leader) if stats else {}
     t0 = time.perf_counter()
+    record: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NumericalWarning)
-        results = prune_weight(plan.method, Ws, group_stats, target, solver=plan.solver, options=plan.options)
+        results = prune_weight(plan.method, Ws, group_stats, target, solver=plan.solver, options=plan.options,
+                               refine=plan.refine, record=record)
     dt = time.perf_counter() - t0
     notes = [w.message for w in caught if isinstance(w.message, NumericalWarning)]
     for note in notes:  # e.g. a singular XᵀX solved with more damping: say so, and record it
         tqdm.write(f"warning: {', '.join(names)}: {note}", file=sys.stderr)
     report = {}
-    for n, W, (W_new, keep_mask) in zip(names, Ws, results, strict=True):
+    for k, (n, W, (W_new, keep_mask)) in enumerate(zip(names, Ws, results, strict=True)):
         if not torch.isfinite(W_new).all():
             raise FloatingPointError(f"{n}: pruning produced non-finite weights")
         W_new = W_new.to(W.dtype)
@@ -160,6 +163,8 @@ def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, pl
             keep[n] = np.packbits(keep_mask.cpu().numpy().reshape(-1))
         report[n] = {"shape": list(W.shape), "sparsity": 1 - keep_mask.float().mean().item(),
                      "seconds": dt / len(names), "shared_input_with": leader if leader != n else None}
+        if "refine_swaps" in record:  # pairs of weights the refiner swapped in this matrix
+            report[n]["refine_swaps"] = record["refine_swaps"][k]
         for note in notes:
             report[n].update(note.record)
         if n in routed and stats is not None:  # how much of the calibration data this expert saw
@@ -299,7 +304,7 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
         raise ValueError("plan has neither targets nor an allocator")
     if len(targets) != len(layers):
         raise ValueError(f"plan has {len(targets)} targets for {len(layers)} layers")
-    needs = required_stats(plan.method, plan.solver, plan.recon_error)
+    needs = required_stats(plan.method, plan.solver, plan.recon_error, plan.refine)
     walk = LayerWalk(model, ids if needs else None, device, f"prune {plan.method}", progress)
     prefix = {id(m): name for name, m in model.named_modules()}
     params = {name for name, _ in model.named_parameters()}  # before the walk swaps in expert views

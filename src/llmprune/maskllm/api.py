@@ -25,10 +25,13 @@ from llmprune.maskllm.prior import apply_prior, check_prior, masked_shapes, ones
 from llmprune.maskllm.task import MaskLLMTask, model_fingerprint, prior_fingerprint
 from llmprune.models.layers import context_length
 from llmprune.options import validated
+from llmprune.sparsity.methods import METHODS
 from llmprune.train.stream import training_stream
 from llmprune.train.trainer import Trainer, accelerator_for, check_resume
 
-ONESHOT_PRIORS = ("sparsegpt", "wanda", "magnitude")
+# Every one-shot method gives a prior: its mask without a weight update (SparseGPT's is the
+# reference's default); the names come from the one registry.
+ONESHOT_PRIORS = tuple(sorted(METHODS, key=lambda name: name != "sparsegpt"))
 
 
 @dataclass
@@ -69,7 +72,7 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
     """Learn an N:M mask for every decoder linear of ``model`` and apply it (in place).
 
     ``prior``: ``None`` (random init), a one-shot method name (``sparsegpt`` mask-only, the
-    reference's default; ``wanda``; ``magnitude``) whose ``prune`` options are
+    reference's default; any of :data:`ONESHOT_PRIORS`, e.g. ``wanda``, ``ria``) whose ``prune`` options are
     ``prior_options``, or a ``{weight name: bool keep-mask}`` dict (e.g. a mask file, or a
     previous run's masks: transfer). ``work_dir`` receives ``train_log.jsonl`` and
     ``checkpoints/``; ``resume`` is such a directory. ``device``: where to train (``cpu``,

@@ -1,59 +1,43 @@
-"""The method and solver registries: which weights stay, and how the kept ones compensate.
+"""The registries of the method slot: which weights stay, how the mask is refined, and how the
+kept ones compensate (the slot itself is described in :mod:`llmprune.sparsity.slots`).
 
 A *method* picks the keep-mask of a weight matrix, either from a *score* and the target pattern
-(magnitude, Wanda) or by a *select* pass that chooses the mask while it updates the weights
-(SparseGPT's OBS sweep, ADMM-Grad's gradual ADMM). A *solver* then sets the kept weights to
+(magnitude, Wanda, RIA) or by a *select* pass that chooses the mask while it updates the weights
+(SparseGPT's OBS sweep, ADMM-Grad's gradual ADMM). An optional *refiner* (DSnoT) then swaps
+pruned and kept weights within the same pattern. A *solver* finally sets the kept weights to
 reconstruct the dense layer's output. A select method's own update is its default solver;
 naming another solver re-solves its mask (``solver="none"`` gives SparseGPT's mask on the
-original weights, the mask-only prior MaskLLM starts from).
+original weights, the mask-only prior MaskLLM starts from); after a refiner the mask is new, so
+the solver (the method's own by default) always runs on the refined mask.
 
 Each entry says which calibration statistics it needs (``col_sq``: Σx² per input channel,
-``xtx``: XᵀX); the engine accumulates each once per layer input and hands them over.
+``col_mean``: E[x], ``xtx``: XᵀX, ``tokens``); the engine accumulates each once per layer input
+and hands them over.
 
 Matrices that read the same input (q/k/v, gate/up) come in together as one *group*, so
 solvers can factor XᵀX once for all of them.
+
+Adding a method: its own module defining a :class:`~llmprune.sparsity.slots.Method` (or a
+``Refiner`` / ``Solver``) with its ``Options``, plus one line in the registry below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 
 from llmprune.options import Options
 from llmprune.sparsity.admm import ADMMOptions, admm_gradual, admm_update
+from llmprune.sparsity.dsnot import DSNOT
 from llmprune.sparsity.patterns import Target, apply_target
+from llmprune.sparsity.ria import RIA
 from llmprune.sparsity.scores import magnitude_score, wanda_score
+from llmprune.sparsity.slots import Method, Refiner, Solver, Stats
 from llmprune.sparsity.sparsegpt import SparseGPTOptions, sparsegpt
 
-Stats = dict[str, torch.Tensor]
-# (W, stats, target, row_groups, options) -> (W_new, keep)
-SelectFn = Callable[[torch.Tensor, Stats, Target, list[slice], Options | None], tuple[torch.Tensor, torch.Tensor]]
-# (W, keep, stats, options) -> W_new
-UpdateFn = Callable[[torch.Tensor, torch.Tensor, Stats, Options | None], torch.Tensor]
 # Options of each owner type, as a plan carries them; a missing owner gets its defaults.
 OptionSet = Mapping[type[Options], Options]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    needs: frozenset[str]
-    score: Callable[[torch.Tensor, Stats], torch.Tensor] | None = None
-    select: SelectFn | None = None  # chooses the mask while updating (exclusive with score)
-    per: str = "row"  # where an unstructured ratio is enforced: each output row, or the matrix
-    default_solver: str = "none"
-    options: type[Options] | None = None  # the settings ``select`` / ``score`` read
-    check: Callable[[Options], None] | None = None  # cross-option rules, run on the recipe
-
-
-@dataclass(frozen=True)
-class Solver:
-    name: str
-    needs: frozenset[str]
-    update: UpdateFn
-    options: type[Options] | None = None
 
 
 def _sparsegpt_select(W, stats, target, row_groups, o: SparseGPTOptions):
@@ -81,30 +65,40 @@ def _admm_update(W, keep, stats, o: ADMMOptions):
     return admm_update(W, stats["xtx"], keep, iters=o.admm_iters, rho=o.admm_rho, damp=o.admm_damp)
 
 
-METHODS: dict[str, Method] = {
-    # Magnitude ranks all weights of the matrix together, as in the Wanda paper's baseline.
-    "magnitude": Method("magnitude", frozenset(), lambda W, s: magnitude_score(W), per="matrix"),
-    # Wanda compares weights within each output row (its "per-output" comparison group).
-    "wanda": Method("wanda", frozenset({"col_sq"}), lambda W, s: wanda_score(W, s["col_sq"])),
-    "sparsegpt": Method("sparsegpt", frozenset({"xtx"}), select=_sparsegpt_select,
-                        default_solver="sparsegpt", options=SparseGPTOptions),
-    "admm-grad": Method("admm-grad", frozenset({"xtx"}), select=_admm_select, per="matrix",
-                        default_solver="admm", options=ADMMOptions, check=_admm_grad_check),
-}
+def _registry(*entries):
+    return {e.name: e for e in entries}
 
-SOLVERS: dict[str, Solver] = {
-    "none": Solver("none", frozenset(), lambda W, keep, stats, o: W * keep),
-    "sparsegpt": Solver("sparsegpt", frozenset({"xtx"}), _sparsegpt_update, SparseGPTOptions),
-    "admm": Solver("admm", frozenset({"xtx"}), _admm_update, ADMMOptions),
-}
+
+METHODS: dict[str, Method] = _registry(
+    # Magnitude ranks all weights of the matrix together, as in the Wanda paper's baseline.
+    Method("magnitude", frozenset(), lambda W, s, o: magnitude_score(W), per="matrix"),
+    # Wanda compares weights within each output row (its "per-output" comparison group).
+    Method("wanda", frozenset({"col_sq"}), lambda W, s, o: wanda_score(W, s["col_sq"])),
+    Method("sparsegpt", frozenset({"xtx"}), select=_sparsegpt_select, default_solver="sparsegpt",
+           options=SparseGPTOptions),
+    Method("admm-grad", frozenset({"xtx"}), select=_admm_select, per="matrix", default_solver="admm",
+           options=ADMMOptions, check=_admm_grad_check),
+    RIA,
+)
+
+REFINERS: dict[str, Refiner] = _registry(
+    Refiner("none", frozenset(), lambda W, keep, stats, target, o: keep),
+    DSNOT,
+)
+
+SOLVERS: dict[str, Solver] = _registry(
+    Solver("none", frozenset(), lambda W, keep, stats, o: W * keep),
+    Solver("sparsegpt", frozenset({"xtx"}), _sparsegpt_update, SparseGPTOptions),
+    Solver("admm", frozenset({"xtx"}), _admm_update, ADMMOptions),
+)
 
 
 def option_classes() -> list[type[Options]]:
-    """Every distinct options type a method or solver declares, in registry order."""
+    """Every distinct options type a method, refiner or solver declares, in registry order."""
     seen: list[type[Options]] = []
-    for c in [m.options for m in METHODS.values()] + [s.options for s in SOLVERS.values()]:
-        if c is not None and c not in seen:
-            seen.append(c)
+    for entry in [*METHODS.values(), *REFINERS.values(), *SOLVERS.values()]:
+        if entry.options is not None and entry.options not in seen:
+            seen.append(entry.options)
     return seen
 
 
@@ -114,11 +108,12 @@ def _options(cls: type[Options] | None, options: OptionSet | None) -> Options | 
     return (options or {}).get(cls) or cls()
 
 
-def required_stats(method: str, solver: str | None, recon_error: bool = False) -> frozenset[str]:
-    """Statistics the engine must collect for this method/solver pair (plus XᵀX to measure the
-    reconstruction error when ``recon_error``)."""
+def required_stats(method: str, solver: str | None, recon_error: bool = False,
+                   refine: str = "none") -> frozenset[str]:
+    """Statistics the engine must collect for this method, refiner and solver (plus XᵀX to
+    measure the reconstruction error when ``recon_error``)."""
     m = METHODS[method]
-    needs = m.needs | SOLVERS[solver or m.default_solver].needs
+    needs = m.needs | REFINERS[refine].needs | SOLVERS[solver or m.default_solver].needs
     return needs | {"xtx"} if recon_error else needs
 
 
@@ -129,11 +124,15 @@ def prune_weight(
     target: Target,
     solver: str | None = None,
     options: OptionSet | None = None,
+    refine: str = "none",
+    record: dict | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Prune a group of weight matrices that share one input; returns ``[(W_new, keep), ...]``.
 
     ``W_new`` is fp32 and exactly zero where ``keep`` is False. ``options`` maps an options type
     (e.g. :class:`SparseGPTOptions`) to its values; owners not in it run with their defaults.
+    ``refine`` names a refiner run on each matrix's mask before the solver; with one, ``record``
+    (if given) receives ``refine_swaps``: per matrix, how many pruned/kept pairs it swapped.
     """
     m = METHODS[method]
     solver = solver or m.default_solver
@@ -144,12 +143,20 @@ def prune_weight(
         start += r
     W = torch.cat([w.detach().float() for w in Ws]) if len(Ws) > 1 else Ws[0].detach().float()
 
+    W_new = None
     if m.select is not None:  # mask and update in one pass; its update is the default solver
         W_new, keep = m.select(W, stats, target, slices, _options(m.options, options))
-        if solver != m.default_solver:
-            W_new = solve(solver, W, keep, stats, options)
     else:
-        keep = torch.cat([apply_target(m.score(W[s], stats), target, per=m.per) for s in slices])
+        o = _options(m.options, options)
+        keep = torch.cat([apply_target(m.score(W[s], stats, o), target, per=m.per) for s in slices])
+    if refine != "none":  # a new mask of the same pattern, for the original weights
+        f = REFINERS[refine]
+        o = _options(f.options, options)
+        refined = torch.cat([f.refine(W[s], keep[s], stats, target, o) for s in slices])
+        if record is not None:
+            record["refine_swaps"] = [int((refined[s] & ~keep[s]).sum()) for s in slices]
+        keep, W_new = refined, None
+    if W_new is None or solver != m.default_solver:
         W_new = solve(solver, W, keep, stats, options)
     return [(W_new[s], keep[s]) for s in slices]
 
