@@ -135,6 +135,7 @@ def _structured_parser(sub) -> None:
 
 
 def _cmd_structured(args: argparse.Namespace) -> int:
+    from llmprune.report import format_blockwise
     from llmprune.structured.job import structured_job
 
     opts = vars(args)
@@ -144,6 +145,8 @@ def _cmd_structured(args: argparse.Namespace) -> int:
     params = report["params"]
     print(f"{report['method']}: parameters {params['before']:,} -> {params['after']:,} "
           f"({100 * params['removed_share']:.2f}% removed)")
+    for line in format_blockwise(report[report["method"]].get("blockwise")):
+        print(f"  {line}")
     for name, r in report["ppl"].get("after", {}).items():
         print(f"  PPL {r['label']}: {report['ppl']['before'][name]['ppl']:.3f} -> {r['ppl']:.3f}")
     speed = report.get("speed") or {}

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from llmprune.engine.blockwise import BlockwiseOptions
 from llmprune.errors import LLMPruneError
 from llmprune.eval.zeroshot import TaskOptions
 from llmprune.options import (
@@ -125,7 +126,8 @@ class JobConfig(RunOptions):
 
 
 # Bases in reverse: pydantic orders fields from the last base, so recipes list the job first.
-class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATIONS.values() if c]])):
+class PruneConfig(*reversed([JobConfig, *option_classes(), *[c for c in ALLOCATIONS.values() if c],
+                              BlockwiseOptions])):
     """One pruning job. Every field has the CLI flag of the same name (``_`` → ``-``)."""
 
     @property

@@ -23,6 +23,7 @@ from llmprune.config import PruneConfig, RunOptions, resolve_device
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import Corpus, load_corpus
 from llmprune.engine import memory
+from llmprune.engine.blockwise import BlockwiseOptions, summarize
 from llmprune.engine.memory import GiB, check_fits, estimate_bytes
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
@@ -166,17 +167,23 @@ AUTO_TRUE_SEQUENTIAL_SHARE = 0.5
 
 
 def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: frozenset[str]) -> bool:
-    """Refuse calibration settings whose activations and statistics will not fit, with numbers.
+    """Refuse calibration settings whose activations and statistics (and block-wise
+    reconstruction's dense stream and tuning state) will not fit, with numbers.
 
     Returns whether to prune true-sequentially: as ``config.true_sequential`` says, or, when it
     is None, whether that mode's held activations fit (in ``AUTO_TRUE_SEQUENTIAL_SHARE`` of the
     free memory; otherwise the exact mode runs, and says so).
     """
     hint = f"lower --nsamples ({config.nsamples}) or --seqlen ({config.seqlen})"
-    check_fits(estimate_bytes(model, config.nsamples, config.seqlen, needs), device, "pruning", hint)
+    blockwise = BlockwiseOptions.pick(config)
+    if blockwise.enabled:
+        hint += f" or --recon-batch ({config.recon_batch})"
+    check_fits(estimate_bytes(model, config.nsamples, config.seqlen, needs, blockwise=blockwise), device,
+               "pruning", hint)
     if config.true_sequential is False:
         return False
-    one_pass = estimate_bytes(model, config.nsamples, config.seqlen, needs, true_sequential=True)
+    one_pass = estimate_bytes(model, config.nsamples, config.seqlen, needs, true_sequential=True,
+                              blockwise=blockwise)
     if config.true_sequential:
         check_fits(one_pass, device, "true-sequential pruning", f"{hint}, or pass --no-true-sequential")
         return True
@@ -221,18 +228,23 @@ def check_run(job: Job) -> None:
         job.task_set = load_tasks(config.tasks, config.task_dir)
 
 
+def reads_data(job: Job) -> bool:
+    """Whether the job runs calibration data: for statistics, or for block-wise reconstruction."""
+    return bool(job.needs) or job.config.reconstruct == "blockwise"
+
+
 def validate(job: Job) -> None:
     """Everything that can be checked before the model loads: options, data, device, output."""
     config = job.config.validate()
     job.allocator = make_allocator(config)
     job.needs = required_stats(config.method, config.solver, config.recon_error) | (
         job.allocator.needs if job.allocator else frozenset())
-    job.needs_tokenizer = bool(job.needs) and job.ids is None
+    job.needs_tokenizer = reads_data(job) and job.ids is None
     if job.ids is not None:
         if tuple(job.ids.shape) != (config.nsamples, config.seqlen):
             raise LLMPruneError(f"calib_ids has shape {tuple(job.ids.shape)}, but the config says "
                                 f"nsamples={config.nsamples}, seqlen={config.seqlen}")
-    elif job.needs:
+    elif reads_data(job):
         job.data_files = [config.calib]
         job.corpus = load_corpus(config.calib, "train")  # decode errors surface before any loading
     check_run(job)
@@ -249,14 +261,14 @@ def load(job: Job) -> None:
 
 def check_model(job: Job) -> None:
     """The recipe against the loaded model: context length, N:M divisibility, explicit ratios."""
-    check_model_fits(job.model, job.config, bool(job.needs))
+    check_model_fits(job.model, job.config, reads_data(job))
     job.targets = fixed_targets(job.config, len(decoder_layers(job.model)))
 
 
 def calibrate(job: Job) -> None:
     """Tokenise the calibration windows and check their activations fit in memory."""
     config = job.config
-    if not job.needs:
+    if not reads_data(job):
         return
     job.true_sequential = check_memory(job.model, config, job.device, job.needs)
     if job.ids is None:
@@ -288,7 +300,7 @@ def plan(job: Job) -> None:
     job.plan = LayerPlan(config.method, job.targets, config.solver,
                          options=config.options_for(method.options, solver.options),
                          allocator=job.allocator, recon_error=config.recon_error,
-                         true_sequential=job.true_sequential)
+                         true_sequential=job.true_sequential, blockwise=BlockwiseOptions.pick(config))
 
 
 def run(job: Job) -> None:
@@ -301,6 +313,12 @@ def pruning_mode(layers: list[dict]) -> str:
     return "mixed" if len(modes) > 1 else "true-sequential" if modes == {True} else "exact"
 
 
+def blockwise_section(job: Job) -> dict:
+    """``{"blockwise": summary}`` when block-wise reconstruction ran, else nothing."""
+    entries = [L["blockwise"] for L in job.layer_report if "blockwise" in L]
+    return {"blockwise": summarize(entries, BlockwiseOptions.pick(job.config))} if entries else {}
+
+
 def build_report(job: Job) -> dict:
     config, model = job.config, job.model
     sparsity = measure_sparsity(model)
@@ -311,9 +329,10 @@ def build_report(job: Job) -> dict:
                   "layers": len(decoder_layers(model)), "prunable_params": sparsity["params"]},
         "device": job.device,
         "target": str(config.target) if config.has_target else "explicit",
-        "mode": pruning_mode(job.layer_report) if job.needs else None,  # magnitude reads no data
+        "mode": pruning_mode(job.layer_report) if reads_data(job) else None,  # magnitude reads no data
         "sparsity": sparsity["overall"],
         "allocation": allocation_report(config, job.layer_report),
+        **blockwise_section(job),
         "layers": job.layer_report,
         "ppl": job.ppl,
         **({"tasks": job.tasks} if job.task_set is not None else {}),
