@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from llmprune.engine.blockwise import BlockwiseOptions
 from llmprune.errors import LLMPruneError
 from llmprune.eval.zeroshot import TaskOptions
 from llmprune.options import (
@@ -129,7 +130,7 @@ class JobConfig(RunOptions):
 
 # The owners whose options make up a one-shot recipe: the job, then every method, refiner, solver
 # and allocator that has settings. Their field names must differ (one namespace of keys and flags).
-PRUNE_OWNERS = (JobConfig, *option_classes(), *[c for c in ALLOCATIONS.values() if c])
+PRUNE_OWNERS = (JobConfig, *option_classes(), *[c for c in ALLOCATIONS.values() if c], BlockwiseOptions)
 check_distinct_fields(PRUNE_OWNERS)
 
 

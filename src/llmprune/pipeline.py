@@ -27,6 +27,7 @@ from llmprune.config import (
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
 from llmprune.engine import memory
+from llmprune.engine.blockwise import BlockwiseOptions, summarize
 from llmprune.engine.memory import GiB, check_fits, estimate_bytes
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
@@ -53,7 +54,7 @@ from llmprune.masks.files import MASK_FILE, pack, write_bits
 from llmprune.masks.maskset import prunable_names
 from llmprune.models.layers import context_length, decoder_layers, linear_layers
 from llmprune.models.loading import load_model
-from llmprune.report import allocation_plot, format_allocation, format_recon
+from llmprune.report import allocation_plot, format_allocation, format_blockwise, format_recon
 from llmprune.sparsity.allocation import OWLAllocator, explicit_targets, weighted_mean
 from llmprune.sparsity.methods import METHODS, REFINERS, SOLVERS, required_stats
 from llmprune.sparsity.patterns import Target
@@ -143,17 +144,23 @@ AUTO_TRUE_SEQUENTIAL_SHARE = 0.5
 
 
 def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: frozenset[str]) -> bool:
-    """Refuse calibration settings whose activations and statistics will not fit, with numbers.
+    """Refuse calibration settings whose activations and statistics (and block-wise
+    reconstruction's dense stream and tuning state) will not fit, with numbers.
 
     Returns whether to prune true-sequentially: as ``config.true_sequential`` says, or, when it
     is None, whether that mode's held activations fit (in ``AUTO_TRUE_SEQUENTIAL_SHARE`` of the
     free memory; otherwise the exact mode runs, and says so).
     """
     hint = f"lower --nsamples ({config.nsamples}) or --seqlen ({config.seqlen})"
-    check_fits(estimate_bytes(model, config.nsamples, config.seqlen, needs), device, "pruning", hint)
+    blockwise = BlockwiseOptions.pick(config)
+    if blockwise.enabled:
+        hint += f" or --recon-batch ({config.recon_batch})"
+    check_fits(estimate_bytes(model, config.nsamples, config.seqlen, needs, blockwise=blockwise), device,
+               "pruning", hint)
     if config.true_sequential is False:
         return False
-    one_pass = estimate_bytes(model, config.nsamples, config.seqlen, needs, true_sequential=True)
+    one_pass = estimate_bytes(model, config.nsamples, config.seqlen, needs, true_sequential=True,
+                              blockwise=blockwise)
     if config.true_sequential:
         check_fits(one_pass, device, "true-sequential pruning", f"{hint}, or pass --no-true-sequential")
         return True
@@ -166,18 +173,23 @@ def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: froz
     return False
 
 
+def reads_data(job: PruneJob) -> bool:
+    """Whether the job runs calibration data: for statistics, or for block-wise reconstruction."""
+    return bool(job.needs) or job.config.reconstruct == "blockwise"
+
+
 def validate(job: PruneJob) -> None:
     """Everything that can be checked before the model loads: options, data, device, output."""
     config = job.config.validate()
     job.allocator = make_allocator(config)
     job.needs = required_stats(config.method, config.solver, config.recon_error, config.refine) | (
         job.allocator.needs if job.allocator else frozenset())
-    job.needs_tokenizer = bool(job.needs) and job.ids is None
+    job.needs_tokenizer = reads_data(job) and job.ids is None
     if job.ids is not None:
         if tuple(job.ids.shape) != (config.nsamples, config.seqlen):
             raise LLMPruneError(f"calib_ids has shape {tuple(job.ids.shape)}, but the config says "
                                 f"nsamples={config.nsamples}, seqlen={config.seqlen}")
-    elif job.needs:
+    elif reads_data(job):
         job.data_files = [config.calib]
         job.corpus = load_corpus(config.calib, "train")  # decode errors surface before any loading
     check_run(job)
@@ -185,14 +197,14 @@ def validate(job: PruneJob) -> None:
 
 def check_model(job: PruneJob) -> None:
     """The recipe against the loaded model: context length, N:M divisibility, explicit ratios."""
-    check_model_fits(job.model, job.config, bool(job.needs))
+    check_model_fits(job.model, job.config, reads_data(job))
     job.targets = fixed_targets(job.config, len(decoder_layers(job.model)))
 
 
 def calibrate(job: PruneJob) -> None:
     """Tokenise the calibration windows and check their activations fit in memory."""
     config = job.config
-    if not job.needs:
+    if not reads_data(job):
         return
     job.true_sequential = check_memory(job.model, config, job.device, job.needs)
     if job.ids is None:
@@ -208,7 +220,7 @@ def plan(job: PruneJob) -> None:
     job.plan = LayerPlan(config.method, job.targets, config.solver, refine=config.refine,
                          options=config.options_for(method.options, refiner.options, solver.options),
                          allocator=job.allocator, recon_error=config.recon_error,
-                         true_sequential=job.true_sequential)
+                         true_sequential=job.true_sequential, blockwise=BlockwiseOptions.pick(config))
 
 
 def run(job: PruneJob) -> None:
@@ -224,9 +236,15 @@ def pruning_mode(layers: list[dict]) -> str:
 def resolved_config(job: PruneJob) -> PruneConfig:
     """The config as it ran: every value the run decided (the automatic true-sequential mode, the
     dtype and device of ``auto``) written in, so ``recipe.yaml`` reproduces the run anywhere."""
-    decided = {"true_sequential": job.true_sequential} if job.needs else {}
+    decided = {"true_sequential": job.true_sequential} if reads_data(job) else {}
     return PruneConfig.from_dict({**resolved_recipe(job, **decided), "out": job.config.out,
                                   "overwrite": job.config.overwrite})
+
+
+def blockwise_section(job: PruneJob) -> dict:
+    """``{"blockwise": summary}`` when block-wise reconstruction ran, else nothing."""
+    entries = [L["blockwise"] for L in job.layer_report if "blockwise" in L]
+    return {"blockwise": summarize(entries, BlockwiseOptions.pick(job.config))} if entries else {}
 
 
 def build_report(job: PruneJob) -> dict:
@@ -237,10 +255,11 @@ def build_report(job: PruneJob) -> dict:
     return {
         **out,
         "target": str(config.target) if config.has_target else "explicit",
-        "mode": pruning_mode(job.layer_report) if job.needs else None,  # magnitude reads no data
+        "mode": pruning_mode(job.layer_report) if reads_data(job) else None,  # magnitude reads no data
         "sparsity": sparsity["overall"],
         "allocation": allocation_report(config, job.layer_report),
         "masks": {"file": MASK_FILE, "recorded": "by the engine, as pruned"},
+        **blockwise_section(job),
         "layers": job.layer_report,
     }
 
@@ -349,13 +368,13 @@ def summary(report: dict) -> list[str]:
     alloc = format_allocation(report.get("allocation"))
     if alloc:
         lines.append(alloc)
-    return lines + format_recon(report.get("layers", []))
+    return lines + format_recon(report.get("layers", [])) + format_blockwise(report.get("blockwise"))
 
 
 def _reads(c: PruneConfig) -> dict[str, str]:
     needs = required_stats(c.method, c.solver, c.recon_error, c.refine)
     allocator = make_allocator(c)
-    return {"calib": c.calib} if needs or (allocator and allocator.needs) else {}
+    return {"calib": c.calib} if needs or (allocator and allocator.needs) or c.reconstruct == "blockwise" else {}
 
 
 def _windows(c: PruneConfig) -> list[tuple[str, int]]:

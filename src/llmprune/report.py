@@ -182,6 +182,22 @@ def format_recon(layers: list[dict]) -> list[str]:
             f"worst {worst:.4g} ({where})"]
 
 
+def format_blockwise(section: dict | None) -> list[str]:
+    """One line on block-wise reconstruction: settings, mean error before -> after, seconds."""
+    if not section:
+        return []
+    o = section["options"]
+    line = (f"block-wise reconstruction ({o['recon_target']} target, {o['recon_steps']} steps x "
+            f"{o['recon_batch']} rows, lr {o['recon_lr']:g}{', norms' if o['recon_norms'] else ''}): "
+            f"block error ‖f(x)-T‖²/‖T‖² mean {section['error_before_mean']:.4g} -> "
+            f"{section['error_after_mean']:.4g} over {section['layers']} layers, {section['seconds']:.1f}s")
+    if section.get("skipped"):
+        line += f", {section['skipped']} already exact"
+    if section.get("worse"):
+        line += f"; worse after tuning: layers {section['worse']}"
+    return [line]
+
+
 def layer_table(report: dict) -> str:
     """Per-layer table: target, OWL outlier ratio if any, achieved sparsity of each linear,
     mean reconstruction error of the layer's linears (when measured), seconds."""
@@ -190,15 +206,20 @@ def layer_table(report: dict) -> str:
     names = list(report["layers"][0]["linears"])
     lod = bool(report["layers"]) and "outlier_ratio" in report["layers"][0]
     with_recon = any(recon_errors(L) for L in report["layers"])
+    with_bw = any("blockwise" in L for L in report["layers"])
     head = (f"{'layer':>5} {'target':>7} " + (f"{'outlier%':>8} " if lod else "")
             + " ".join(f"{n.split('.')[-1]:>9}" for n in names))
     head += f" {'recon':>9}" if with_recon else ""
+    head += f" {'block err before->after':>23}" if with_bw else ""
     rows = [head + f" {'sec':>6}"]
     for L in report["layers"]:
         cells = " ".join(f"{L['linears'][n]['sparsity']:>9.4f}" for n in names)
         if with_recon:
             errs = list(recon_errors(L).values())
             cells += f" {sum(errs) / len(errs):>9.4g}" if errs else f" {'-':>9}"
+        if with_bw:
+            b = L.get("blockwise")
+            cells += f" {b['error_before']:>10.4g} ->{b['error_after']:>10.4g}" if b else f" {'-':>23}"
         target = L["target"] if ":" in L["target"] else f"{float(L['target']):.4f}"
         extra = f"{100 * L['outlier_ratio']:>8.3f} " if lod else ""
         rows.append(f"{L['index']:>5} {target:>7} {extra}{cells} {L['seconds']:>6.1f}")

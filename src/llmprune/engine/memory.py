@@ -10,6 +10,7 @@ import platform
 import torch
 from torch import nn
 
+from llmprune.engine.blockwise import BlockwiseOptions
 from llmprune.errors import LLMPruneError
 from llmprune.models.layers import decoder_layers, linear_layers
 
@@ -130,7 +131,7 @@ def rows_per_call(layer: nn.Module, seqlen: int, device: str | torch.device) -> 
 
 
 def estimate_bytes(model: nn.Module, nsamples: int, seqlen: int, needs: frozenset[str],
-                   true_sequential: bool = False) -> dict[str, int]:
+                   true_sequential: bool = False, blockwise: BlockwiseOptions | None = None) -> dict[str, int]:
     """Peak extra memory of the pass on the compute device, by part.
 
     ``activations``: the inputs and outputs of one layer for every calibration row (in the
@@ -142,6 +143,11 @@ def estimate_bytes(model: nn.Module, nsamples: int, seqlen: int, needs: frozense
     input plus three hidden widths per token — and ``call``: the running batch's activations
     (``MAX_ROWS_PER_CALL`` rows). For 32 × 1024 tokens on SmolLM2-135M: 408 + 264 MiB estimated,
     +640 MiB measured over the exact mode's peak.
+
+    With ``blockwise`` (block-wise reconstruction on) also ``target``: the dense stream, one
+    more activation buffer like ``activations``' half; and ``tuning``: the gradient and Adam's
+    two moments of one layer's parameters, the keep-masks (a byte per weight), and one step's
+    activations held for the backward, taken as 4× a forward call of ``recon_batch`` rows.
     """
     layer = max(decoder_layers(model), key=lambda L: sum(p.numel() for p in L.parameters()))
     param = next(model.parameters())
@@ -158,6 +164,12 @@ def estimate_bytes(model: nn.Module, nsamples: int, seqlen: int, needs: frozense
     if true_sequential:
         parts["held"] = tokens * elt * (max(ins, default=width) + 3 * width)
         parts["call"] = min(nsamples, MAX_ROWS_PER_CALL) * seqlen * token_bytes(layer)
+    if blockwise is not None and blockwise.enabled:
+        params = sum(p.numel() for p in layer.parameters())
+        masks = sum(lin.weight.numel() for lin in linear_layers(layer).values())
+        rows = min(blockwise.recon_batch, nsamples)
+        parts["target"] = tokens * width * elt
+        parts["tuning"] = 3 * params * elt + masks + 4 * rows * seqlen * token_bytes(layer)
     return parts
 
 

@@ -74,10 +74,12 @@ def _join_all(workers: list[threading.Thread]) -> None:
 
 @torch.no_grad()
 def prune_in_one_pass(layer: nn.Module, linears: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict,
-                      stats: LayerStats, prune: Callable[[str], None], batch_size: int) -> list[str]:
+                      stats: LayerStats, prune: Callable[[str], None], batch_size: int,
+                      each: Callable[[int, torch.Tensor], None] | None = None) -> list[str]:
     """Run every row of ``inps`` through ``layer`` once, pruning each linear of ``linears`` as
     soon as every row has reached it (``prune(name)``, with ``stats`` complete for its input);
-    the outputs replace ``inps`` in place. Returns the linears in the order they were pruned.
+    the outputs replace ``inps`` in place — or, with ``each``, go to ``each(first row, outputs)``
+    and ``inps`` stays as it was. Returns the linears in the order they were pruned.
 
     ``stats`` must have been created before this call: its hooks accumulate a batch's input
     before that batch stops at the linear.
@@ -115,7 +117,10 @@ def prune_in_one_pass(layer: nn.Module, linears: dict[str, nn.Linear], inps: tor
                 y = layer_output(layer(inps[s : s + batch_size], **kwargs))
                 if local.stops != len(order):
                     raise mismatch(j, f"stopped at {local.stops} linears, not {len(order)},")
-                inps[s : s + batch_size] = y  # only this batch's rows, after its own forward
+                if each is not None:
+                    each(s, y)
+                else:
+                    inps[s : s + batch_size] = y  # only this batch's rows, after its own forward
             relay.pass_on(j)
         except _Aborted:
             pass

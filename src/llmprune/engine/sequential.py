@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmprune.engine.blockwise import BlockTuner, BlockwiseOptions
 from llmprune.engine.capture import capture_inputs, layer_output
 from llmprune.engine.memory import (
     MAX_ROWS_PER_CALL,
@@ -66,12 +67,15 @@ class LayerPlan:
     # out: the keep-mask the method chose for each pruned nn.Linear weight, by parameter name, as
     # packed bits (numpy.packbits of the flat mask): what was pruned, not what happens to be zero
     keep: dict[str, np.ndarray] = field(default_factory=dict)
+    blockwise: BlockwiseOptions | None = None  # tune each pruned layer towards the dense outputs
 
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Tensor | None,
-              stats: LayerStats | None = None, batch_size: int | None = None) -> None:
-    """Run every calibration row through ``layer``; write outputs into ``outs`` if given.
+              stats: LayerStats | None = None, batch_size: int | None = None,
+              each: Callable[[int, torch.Tensor], None] | None = None) -> None:
+    """Run every calibration row through ``layer``; write outputs into ``outs`` if given, and
+    hand each batch's outputs to ``each(first row, outputs)`` first if given.
 
     ``batch_size`` rows per call; None: as many as the activation budget allows
     (:func:`~llmprune.engine.memory.rows_per_call`).
@@ -88,6 +92,8 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, outs: torch.Te
         if stats is not None:
             stats.next_sample()
         y = layer_output(layer(inps[j : j + batch_size], **kwargs))
+        if each is not None:
+            each(j, y)
         if outs is not None:
             outs[j : j + batch_size] = y
 
@@ -102,9 +108,10 @@ def unreached(names: set[str]) -> RuntimeError:
 
 @torch.no_grad()
 def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerStats | None,
-                keep: dict[str, np.ndarray] | None = None) -> dict:
+                masks: dict[str, torch.Tensor] | None = None) -> dict:
     """Prune every linear of one layer in place; returns per-linear sparsity and timing, and
-    the relative reconstruction error ``recon_error`` wherever XᵀX was collected.
+    the relative reconstruction error ``recon_error`` wherever XᵀX was collected. With
+    ``masks``, each linear's keep-mask is stored there by name.
 
     MoE experts the router sent no calibration token have no statistics: they are pruned to
     the same target by the data-free magnitude score, and their entries say so
@@ -126,20 +133,19 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
                      "seconds": time.perf_counter() - t0, "shared_input_with": None,
                      "calibration_tokens": 0, "scored_by": UNROUTED}
         W.copy_(W_new.to(W.dtype))
-        if keep is not None:
-            keep[n] = np.packbits(keep_mask.cpu().numpy().reshape(-1))
+        if masks is not None:
+            masks[n] = keep_mask
     for leader, names in groups.items():
-        report.update(prune_group(linears, names, leader, plan, target, stats, routed, keep))
+        report.update(prune_group(linears, names, leader, plan, target, stats, routed, masks))
     return report
 
 
 @torch.no_grad()
 def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, plan: LayerPlan, target: Target,
                 stats: LayerStats | None, routed: set[str] = frozenset(),
-                keep: dict[str, np.ndarray] | None = None) -> dict:
+                masks: dict[str, torch.Tensor] | None = None) -> dict:
     """Prune the linears ``names`` that read the input of ``leader``, in place, with that
-    input's statistics; returns their report entries. ``keep`` receives each linear's keep-mask
-    (packed bits, by its name in the layer)."""
+    input's statistics; returns their report entries (and stores the keep-masks in ``masks``)."""
     Ws = [linears[n].weight for n in names]
     for n, W in zip(names, Ws, strict=True):
         target.check_shape(W.shape[1], n)
@@ -159,8 +165,6 @@ def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, pl
         if not torch.isfinite(W_new).all():
             raise FloatingPointError(f"{n}: pruning produced non-finite weights")
         W_new = W_new.to(W.dtype)
-        if keep is not None:
-            keep[n] = np.packbits(keep_mask.cpu().numpy().reshape(-1))
         report[n] = {"shape": list(W.shape), "sparsity": 1 - keep_mask.float().mean().item(),
                      "seconds": dt / len(names), "shared_input_with": leader if leader != n else None}
         if "refine_swaps" in record:  # pairs of weights the refiner swapped in this matrix
@@ -172,6 +176,8 @@ def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, pl
         if "xtx" in group_stats:  # the weights as stored, before they overwrite the dense W
             report[n]["recon_error"] = relative_recon_error(W, W_new, group_stats["xtx"])
         W.copy_(W_new)
+        if masks is not None:
+            masks[n] = keep_mask
     return report
 
 
@@ -196,8 +202,9 @@ class LayerWalk:
     """
 
     def __init__(self, model: nn.Module, ids: torch.Tensor | None, device: str | torch.device,
-                 desc: str, progress: bool = True):
+                 desc: str, progress: bool = True, last: int | None = None):
         self.layers = decoder_layers(model)
+        self.last = len(self.layers) - 1 if last is None else last  # the walk stops after this layer
         self.device = device
         self.desc, self.progress = desc, progress
         # One buffer of activations: the current layer's inputs, replaced by its outputs in
@@ -211,7 +218,8 @@ class LayerWalk:
         self._index = 0
 
     def __iter__(self):
-        bar = tqdm(list(enumerate(self.layers)), desc=self.desc, unit="layer", disable=not self.progress)
+        bar = tqdm(list(enumerate(self.layers))[: self.last + 1], desc=self.desc, unit="layer",
+                   disable=not self.progress)
         for i, layer in bar:
             t0 = time.perf_counter()
             home = next(layer.parameters()).device
@@ -219,29 +227,34 @@ class LayerWalk:
             self._propagated, self._index = False, i
             with per_expert_linears(layer):  # after the move: the experts alias its parameters
                 yield i, layer
-                if self.inps is not None and i + 1 < len(self.layers):
+                if self.inps is not None and i < self.last:
                     if not self._propagated:
                         run_layer(layer, self.inps, self.layer_kwargs[i], self.inps)
             layer.to(home)
             self.seconds.append(time.perf_counter() - t0)
             bar.set_postfix(sec=f"{self.seconds[-1]:.1f}")
 
-    def collect(self, layer: nn.Module, needs: frozenset[str], propagate: bool = False) -> LayerStats:
+    def collect(self, layer: nn.Module, needs: frozenset[str], propagate: bool = False,
+                each: Callable[[int, torch.Tensor], None] | None = None) -> LayerStats:
         """Run the rows through ``layer`` with hooks gathering ``needs``; with ``propagate`` the
-        same forward's outputs feed the next layer (only right if the body leaves ``layer`` as is)."""
+        same forward's outputs feed the next layer (only right if the body leaves ``layer`` as is);
+        ``each(first row, outputs)`` sees every batch's outputs."""
         if self.inps is None:
             raise ValueError("statistics need calibration ids")
         stats = LayerStats(linear_layers(layer), needs)
         out = self.inps if propagate else None
-        run_layer(layer, self.inps, self.layer_kwargs[self._index], out, stats)
+        run_layer(layer, self.inps, self.layer_kwargs[self._index], out, stats, each=each)
         stats.remove()
         self._propagated = propagate
         return stats
 
     def one_pass(self, layer: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str],
-                 prune: Callable[[str, LayerStats], None]) -> None:
+                 prune: Callable[[str, LayerStats], None],
+                 each: Callable[[int, torch.Tensor], None] | None = None) -> None:
         """Gather ``needs`` and prune each of ``linears`` (``prune(name, stats)``) as soon as every
-        row reached it, in the forward that also feeds the next layer (see :mod:`~llmprune.engine.onepass`).
+        row reached it, in the forward that also feeds the next layer (see :mod:`~llmprune.engine.onepass`)
+        — or, with ``each``, hands the pruned layer's outputs to ``each(first row, outputs)``
+        and leaves the inputs in place (the walk then propagates after the body).
 
         Batches of the most rows per call: every row's activations at the current linear are
         held anyway, so smaller calls save little memory here (4 rows: −7 MiB of ≈ 570; 1 row:
@@ -253,10 +266,59 @@ class LayerWalk:
         return_big_frees_to_os()  # see reuse_one_call_blocks: not with many waiting threads
         try:
             prune_in_one_pass(layer, linears, self.inps, self.layer_kwargs[self._index], stats,
-                              lambda name: prune(name, stats), MAX_ROWS_PER_CALL)
+                              lambda name: prune(name, stats), MAX_ROWS_PER_CALL, each)
         finally:
             stats.remove()
+        self._propagated = each is None
+
+    def skip(self) -> None:
+        """The current layer is not in the pruned model: its inputs go on to the next layer
+        unchanged."""
         self._propagated = True
+
+    # --- block-wise reconstruction (engine/blockwise.py) -------------------------------------
+    def set_target(self, layer: nn.Module, tuner: BlockTuner, then: Sequence[int] = ()) -> float:
+        """Before ``layer`` is pruned: its dense outputs become the tuner's targets (see
+        :meth:`BlockTuner.source`), run on through the dense layers ``then`` (indices of layers
+        after it that the pruned model will not have, moved here one at a time). Returns the
+        seconds it took."""
+        t0 = time.perf_counter()
+        run_layer(layer, tuner.source(self.inps), self.layer_kwargs[self._index], None, each=tuner.write)
+        for j in then:
+            self.advance(self.layers[j], tuner, j)
+        return time.perf_counter() - t0
+
+    def advance(self, layer: nn.Module, tuner: BlockTuner, index: int | None = None) -> None:
+        """Run the tuner's dense stream through the dense ``layer`` (layer ``index``, default the
+        current one), in place; nothing is tuned."""
+        index = self._index if index is None else index
+        home = next(layer.parameters()).device
+        layer.to(self.device)
+        run_layer(layer, tuner.target, self.layer_kwargs[index], tuner.target)
+        layer.to(home)
+
+    def reconstruct(self, layer: nn.Module, tuner: BlockTuner, masks: dict[str, torch.Tensor],
+                    before: float | None = None, seconds: float = 0.0) -> dict:
+        """Tune the pruned ``layer`` towards the targets (measuring its error first unless
+        ``before`` is given), then propagate through the tuned layer, measuring the error
+        after. Returns the layer's ``blockwise`` report entry; its ``seconds`` are what the
+        stage added (``seconds`` already spent, e.g. on the targets, plus the error before and
+        the tuning; not the propagation, which the walk does anyway)."""
+        if self.inps is None:
+            raise ValueError("block-wise reconstruction needs calibration ids")
+        kwargs = self.layer_kwargs[self._index]
+        t0 = time.perf_counter()
+        if before is None:
+            meter = tuner.meter()
+            run_layer(layer, self.inps, kwargs, None, each=meter)
+            before = meter.error
+        entry = tuner.tune(layer, self.inps, kwargs, masks, before, seed=self._index)
+        entry["seconds"] = seconds + time.perf_counter() - t0
+        meter = tuner.meter()
+        run_layer(layer, self.inps, kwargs, self.inps, each=meter)
+        self._propagated = True
+        entry["error_after"] = meter.error
+        return entry
 
 
 @torch.no_grad()
@@ -305,31 +367,44 @@ def run_sequential(model: nn.Module, ids: torch.Tensor | None, plan: LayerPlan,
     if len(targets) != len(layers):
         raise ValueError(f"plan has {len(targets)} targets for {len(layers)} layers")
     needs = required_stats(plan.method, plan.solver, plan.recon_error, plan.refine)
-    walk = LayerWalk(model, ids if needs else None, device, f"prune {plan.method}", progress)
+    blockwise = plan.blockwise if plan.blockwise is not None and plan.blockwise.enabled else None
+    if blockwise is not None and ids is None:
+        raise ValueError("block-wise reconstruction needs calibration ids")
+    walk = LayerWalk(model, ids if needs or blockwise else None, device, f"prune {plan.method}", progress)
+    tuner = BlockTuner(blockwise, walk.inps) if blockwise else None
     prefix = {id(m): name for name, m in model.named_modules()}
     params = {name for name, _ in model.named_parameters()}  # before the walk swaps in expert views
     report = []
     for i, layer in walk:
         one_pass = plan.true_sequential and bool(needs) and not routed_linears(layer)
-        keep: dict[str, np.ndarray] = {}
+        masks: dict[str, torch.Tensor] = {}  # the layer's keep-masks, as the method chose them
+        meter = tuner.meter() if tuner else None  # the pruned layer's error, where a pass runs it
+        # The targets come from the dense layer: before pruning (exact mode + local target: from
+        # the statistics forward itself, which runs the dense layer on the same inputs).
+        fused_target = tuner is not None and not one_pass and bool(needs) and blockwise.recon_target == "local"
+        target_s = walk.set_target(layer, tuner) if tuner and not fused_target else 0.0
         if one_pass:
             linears, pruned = linear_layers(layer), {}
 
             def prune(name: str, stats: LayerStats, linears=linears, pruned=pruned, target=targets[i],
-                      keep=keep) -> None:
-                pruned.update(prune_group(linears, [name], stats.owner[name], plan, target, stats, keep=keep))
+                      masks=masks) -> None:
+                pruned.update(prune_group(linears, [name], stats.owner[name], plan, target, stats, masks=masks))
 
-            walk.one_pass(layer, linears, needs, prune)
+            walk.one_pass(layer, linears, needs, prune, each=meter)
             if set(linears) - set(pruned):
                 raise unreached(set(linears) - set(pruned))
         else:  # exact: dense statistics of every linear, then prune; the walk propagates after
-            stats = walk.collect(layer, needs) if needs else None
-            pruned = prune_layer(layer, plan, targets[i], stats, keep)
+            stats = walk.collect(layer, needs, each=tuner.write if fused_target else None) if needs else None
+            pruned = prune_layer(layer, plan, targets[i], stats, masks)
             del stats  # XᵀX can be large: free it before the walk propagates through the layer
         # fused MoE experts are pruned through views that are no parameters: not recorded here
-        plan.keep.update({name: bits for n, bits in keep.items() if (name := f"{prefix[id(layer)]}.{n}.weight") in params})
+        plan.keep.update({name: np.packbits(m.cpu().numpy().reshape(-1)) for n, m in masks.items()
+                          if (name := f"{prefix[id(layer)]}.{n}.weight") in params})
         entry = {"index": i, "target": str(targets[i]), "target_sparsity": targets[i].sparsity,
                  "true_sequential": one_pass, "linears": pruned}
+        if tuner is not None:
+            entry["blockwise"] = walk.reconstruct(layer, tuner, masks, meter.error if one_pass else None,
+                                                  target_s)
         if measures is not None:
             entry[plan.allocator.measure_name] = measures[i]
             entry["allocation_seconds"] = measure_s[i]

@@ -21,8 +21,9 @@ from torch import nn
 
 from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
+from llmprune.engine.blockwise import BlockTuner, BlockwiseOptions, summarize
 from llmprune.engine.capture import layer_output
-from llmprune.engine.memory import rows_per_call
+from llmprune.engine.memory import check_fits, estimate_bytes, rows_per_call
 from llmprune.engine.sequential import LayerWalk
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
@@ -150,6 +151,13 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     """
     options = _options(config, overrides)
     plan = plan_structured(model, options)
+    blockwise = BlockwiseOptions.pick(options)
+    if blockwise.enabled:  # its dense stream and tuning state, before any data is read
+        needs = XTX if plan.method == "osscar" else frozenset()
+        check_fits(estimate_bytes(model, options.nsamples, options.seqlen, needs, blockwise=blockwise), device,
+                   "structured pruning with block-wise reconstruction",
+                   f"lower --nsamples ({options.nsamples}), --seqlen ({options.seqlen}) or --recon-batch "
+                   f"({options.recon_batch})")
     if ids is not None and tuple(ids.shape) != (options.nsamples, options.seqlen):
         raise LLMPruneError(f"ids has shape {tuple(ids.shape)}, but the options say "
                             f"nsamples={options.nsamples}, seqlen={options.seqlen}")
@@ -180,21 +188,29 @@ def run_osscar(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, option
                device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """Shrink every MLP to ``plan.width`` channels, layer by layer; the report's ``osscar`` part."""
     walk = LayerWalk(model, ids, device, "osscar", progress)
-    # dense_target: a second stream, the dense model's hidden states, gives each down_proj's target
-    dense_in = walk.inps.clone() if options.dense_target else None
-    dense_out = torch.empty_like(dense_in) if options.dense_target else None
+    blockwise = BlockwiseOptions.pick(options)
+    tuner = BlockTuner(blockwise, walk.inps) if blockwise.enabled else None
+    local = tuner is not None and blockwise.recon_target == "local"
+    # dense_target: a second stream, the dense model's hidden states, gives each down_proj's
+    # target; block-wise reconstruction's dense stream is the same stream (one buffer for both).
+    dense_in = None
+    if options.dense_target:
+        dense_in = tuner.target if tuner is not None and not local else walk.inps.clone()
     entries = []
     for i, layer in walk:
         t0 = time.perf_counter()
         trip = mlp_triplet(layer)
         down = layer.get_submodule(trip.down)
-        target = {}
-        if options.dense_target:
+        target, target_s = {}, 0.0
+        # The tuner's targets come free from a forward this layer gets anyway where that one
+        # runs the dense layer on the right stream; otherwise from one more forward.
+        if tuner is not None and options.dense_target == local:
+            target_s = walk.set_target(layer, tuner)
+        if options.dense_target:  # the dense stream advances in place (rows are read before written)
             H, target["XtY"], target["YtY"] = paired_stats(layer, down, walk.inps, dense_in,
-                                                           walk.layer_kwargs[i], dense_out)
-            dense_in, dense_out = dense_out, dense_in
+                                                           walk.layer_kwargs[i], dense_in)
         else:
-            stats = walk.collect(layer, XTX)
+            stats = walk.collect(layer, XTX, each=tuner.write if local else None)
             H = stats.get(trip.down)["xtx"]
             del stats  # the other linears' XᵀX: only down_proj's is needed
         res = osscar_prune(down.weight, H, plan.width, greedy=options.greedy,
@@ -208,10 +224,13 @@ def run_osscar(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, option
                         "recon_error": res.recon_error, "objective": res.errors,
                         "swaps": res.swaps, "damping": res.damping,
                         "seconds": time.perf_counter() - t0})
+        if tuner is not None:  # the shrunk layer is dense: every weight of it may change
+            entries[-1]["blockwise"] = walk.reconstruct(layer, tuner, {}, None, target_s)
     for entry, sec in zip(entries, walk.seconds, strict=True):
         entry["seconds_with_propagation"] = sec
     set_intermediate_size(model, plan.width)
-    return {"intermediate_size": {"before": plan.intermediate, "after": plan.width},
+    extra = {"blockwise": summarize([e["blockwise"] for e in entries], blockwise)} if tuner else {}
+    return {**extra, "intermediate_size": {"before": plan.intermediate, "after": plan.width},
             "removed_ratio": 1 - plan.width / plan.intermediate,
             "selection": "greedy (OBS costs)" if options.greedy else "channel score ‖W‖·‖X‖",
             "target": "dense model's down_proj outputs" if options.dense_target else "this layer's own outputs",
@@ -247,6 +266,38 @@ def paired_stats(layer: nn.Module, down: nn.Linear, inps: torch.Tensor, dense_in
     return H, XtY, YtY
 
 
+def reconstruct_gap(model: nn.Module, ids: torch.Tensor, start: int, k: int, options: BlockwiseOptions,
+                    device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
+    """Block-wise reconstruction around the window ``[start, start + k)`` that depth pruning
+    will delete (call it before the layers go); returns one entry per tuned layer.
+
+    The blocks are the two layers beside the gap, each fit on the pruned stream (the model
+    without the window) to the dense model's hidden states: the layer before the gap,
+    ``start − 1``, to the dense output of the *whole window* (it absorbs the deleted layers),
+    then the layer after it, ``start + k``, to its own dense output (it corrects what the first
+    could not). At either end of the model only the layer on the inner side exists. Layers
+    before the gap are unchanged and see dense inputs; layers after the second block are not
+    tuned.
+    """
+    end = start + k
+    n = len(decoder_layers(model))
+    tune = [i for i in (start - 1, end) if 0 <= i < n]
+    walk = LayerWalk(model, ids, device, f"blockwise around layers {start}-{end - 1}", progress, last=max(tune))
+    first = max(start - 1, 0)  # where the dense and the pruned streams part
+    tuner, entries = None, []
+    for i, layer in walk:
+        if i == first:
+            tuner = BlockTuner(options, walk.inps)
+        if start <= i < end:  # deleted: the pruned stream skips it; the dense one runs it, if
+            if start == 0:    # the layer before the gap has not already taken it along
+                walk.advance(layer, tuner)
+            walk.skip()
+        elif i in tune:
+            target_s = walk.set_target(layer, tuner, then=range(start, end) if i == start - 1 else ())
+            entries.append({"index": i, **walk.reconstruct(layer, tuner, {}, None, target_s)})
+    return entries
+
+
 @torch.no_grad()
 def run_depth(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, options: StructuredOptions,
               device: str | torch.device = "cpu", progress: bool = True) -> dict:
@@ -262,8 +313,15 @@ def run_depth(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, options
         timings["ppl_s"] = time.perf_counter() - t0
     start = D.best_window(scores[options.score])
     removed = list(range(start, start + k))
+    blockwise = BlockwiseOptions.pick(options)
+    extra = {}
+    if blockwise.enabled:
+        t0 = time.perf_counter()
+        entries = reconstruct_gap(model, ids, start, k, blockwise, device, progress)
+        timings["blockwise_s"] = time.perf_counter() - t0
+        extra["blockwise"] = {**summarize(entries, blockwise), "tuned_layers": entries}
     drop_layers(model, removed)
-    return {"k": k, "score": options.score, "removed_layers": removed,
+    return {**extra, "k": k, "score": options.score, "removed_layers": removed,
             "num_hidden_layers": {"before": plan.n_layers, "after": plan.n_layers - k},
             "window_scores": scores,
             "chosen_by_each": {name: D.best_window(v) for name, v in scores.items()},

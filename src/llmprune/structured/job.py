@@ -31,6 +31,7 @@ from llmprune.jobs.context import (
 )
 from llmprune.jobs.header import header
 from llmprune.jobs.kind import JobKind
+from llmprune.report import format_blockwise
 from llmprune.structured.api import StructuredResult, plan_structured, structured
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.speed import measure_speed
@@ -125,6 +126,7 @@ def summary(report: dict) -> list[str]:
     if report["method"] == "depth" and "depth" in report:
         d = report["depth"]
         lines.append(f"removed layers {d['removed_layers']} (score {d['score']})")
+    lines += format_blockwise((report.get(report["method"]) or {}).get("blockwise"))
     speed = report.get("speed") or {}
     if "decode_speedup" in speed:
         lines.append(f"CPU decode x{speed['decode_speedup']:.2f}, prefill x{speed['prefill_speedup']:.2f}")

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from llmprune.engine.blockwise import BlockwiseOptions
 from llmprune.options import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -20,8 +21,9 @@ UnitInterval = number(float, lambda v: 0 < v < 1, "in (0, 1)")
 ShrinkShare = number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-class StructuredOptions(Recipe):
-    """OSSCAR MLP-width pruning or depth pruning of a whole model."""
+class StructuredOptions(Recipe, BlockwiseOptions):
+    """OSSCAR MLP-width pruning or depth pruning of a whole model (optionally followed, layer by
+    layer, by block-wise reconstruction: ``reconstruct: blockwise``)."""
 
     method: Literal["osscar", "depth"] = Field("osscar", description="osscar: remove MLP channels | "
                                                                       "depth: remove consecutive layers")
