@@ -100,6 +100,13 @@ def recover_summary(report: dict) -> str:
              + (f", final loss {final['ce']:.4f}" if "ce" in final else ""),
              f"sparsity of decoder linears: {report['sparsity']:.4f} (mask {report['target']}"
              + ("" if kept is None else ", kept exactly" if kept == 0 else f", {kept} pruned weights nonzero") + ")"]
+    if "distill" in r:
+        d = r["distill"]
+        lines.append(f"distilled from {d['teacher']}: logit KL at T={d['temperature']:g} "
+                     + (f"on its top-{d['topk']} tokens" if d["topk"] else "on the full vocabulary")
+                     + (f" + {d['hidden_weight']:g} × hidden-state MSE over {len(d['layer_map'])} layers"
+                        if d["hidden_weight"] else "") + (" + cross-entropy" if d["loss"] == "kd+ce" else "")
+                     + (f", final KL {final['kd']:.4f}" if "kd" in final else ""))
     if report.get("adapter"):
         lines.append(f"adapter saved in {report['adapter']}/ beside the untouched sparse base")
     if "remask" in r:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 from pydantic import Field
 
@@ -38,8 +39,9 @@ from llmprune.pipeline import (
     run_stages,
 )
 from llmprune.pipeline import report as final_report
-from llmprune.recover import lora
-from llmprune.recover.api import merge_adapter, pruned_nonzero, recover, remask_result
+from llmprune.recover import distill, lora
+from llmprune.recover.api import merge_adapter, model_masks, pruned_nonzero, recover, remask_result
+from llmprune.recover.memory import check_recover_memory
 from llmprune.recover.options import RecoverOptions
 from llmprune.train.trainer import checkpoint_dir
 
@@ -57,7 +59,8 @@ class RecoverConfig(RunOptions, RecoverOptions):
 
 
 def input_report(model: str) -> dict | None:
-    """What the input directory's ``pruning.json`` says it is (kind, target, sparsity), if any."""
+    """What the input directory's ``pruning.json`` says it is (kind, target, sparsity, and
+    whether its decoder linears are dense: structured outputs have no mask), if any."""
     path = Path(model).expanduser() / REPORT_FILE
     if not path.is_file():
         return None
@@ -66,8 +69,31 @@ def input_report(model: str) -> dict | None:
     except (OSError, ValueError):
         return {"file": str(path), "readable": False}
     recipe = r.get("recipe") or {}
-    return {"kind": r.get("kind", "prune"), "target": r.get("target"), "sparsity": r.get("sparsity"),
-            "method": recipe.get("method") if isinstance(recipe, dict) else None}
+    structured = r.get("kind") == "structured" or (r.get("method") in ("osscar", "depth") and "params" in r)
+    kind = r.get("kind") or ("structured" if structured else "prune")
+    masks = (r.get("recover") or {}).get("masks") if kind == "recover" else None
+    return {"kind": kind, "target": r.get("target"), "sparsity": r.get("sparsity"),
+            "method": recipe.get("method") if isinstance(recipe, dict) and "method" in recipe else r.get("method"),
+            "dense": structured or (isinstance(masks, dict) and masks.get("sparsity") == 0)}
+
+
+def check_teacher(job: Job) -> None:
+    """Distillation: the teacher (given, or the input's dense model) exists and fits the
+    student (tokenizer, logits, hidden size and layers), read from files before anything loads."""
+    from llmprune.models.loading import _load_tokenizer, model_source
+
+    config: RecoverConfig = job.config
+    from_files = isinstance(job.model, str | None)
+    student_shape = tokenizer = None
+    if from_files and not Path(model_source(config.model)).expanduser().is_file():
+        student_shape = distill.config_shape(config.model, config.trust_remote_code)
+        tokenizer = _load_tokenizer(model_source(config.model), config.model, False, config.trust_remote_code)
+    elif not from_files:
+        student_shape, tokenizer = distill.shape_of(job.model), job.tokenizer
+    plan = distill.plan_teacher(student_shape, tokenizer, RecoverOptions.pick(config), None,
+                                source=config.model if from_files else getattr(job.model, "name_or_path", None),
+                                trust_remote_code=config.trust_remote_code)
+    job.extra["teacher"] = plan.name
 
 
 def validate(job: Job) -> None:
@@ -82,14 +108,36 @@ def validate(job: Job) -> None:
     job.extra["corpus"] = load_corpus(config.train_data, "train")  # decoded before the model loads
     job.extra["input"] = input_report(config.model) if isinstance(job.model, str | None) else None
     check_run(job)
+    if config.distills:
+        check_teacher(job)
+
+
+def check_model(job: Job) -> None:
+    """The training state's memory against what is free, the teacher's (not loaded yet) included,
+    before the first perplexity or any weight of the teacher is read."""
+    config: RecoverConfig = job.config
+    opts = RecoverOptions.pick(config)
+    targets = lora.lora_targets(job.model, opts.lora_targets) if opts.mode == "lora" else None
+    sizer = None
+    if opts.distills:
+        dtype = next(job.model.parameters()).dtype
+        sizer = distill.teacher_skeleton(job.extra["teacher"], dtype, config.trust_remote_code)
+    check_recover_memory(job.model, opts, targets, sizer, config.teacher_device or job.device, teacher_loaded=False)
 
 
 def train(job: Job) -> None:
     """Masked fine-tuning or LoRA training; a LoRA adapter stays unmerged for the next stages."""
     config: RecoverConfig = job.config
     masks = dict(MaskSet.load(config.masks, job.model)) if config.masks else None
+    if masks is None and (job.extra.get("input") or {}).get("dense"):
+        # a structured output is dense and smaller: its exact zeros (dequantised weights have
+        # some) are no mask, so every weight trains
+        masks = {n: torch.ones_like(m) for n, m in model_masks(job.model).items()}
     work = Path(config.resume) if config.resume else checkpoint_dir(config.out)
     result = recover(job.model, job.tokenizer, RecoverOptions.pick(config), masks=masks,
+                     teacher=job.extra.get("teacher"),
+                     source=config.model if isinstance(config.model, str) else None,
+                     trust_remote_code=config.trust_remote_code,
                      corpus=job.extra["corpus"], work_dir=work, resume=config.resume, finish=False,
                      progress=job.progress)
     job.model = result.model
@@ -180,7 +228,7 @@ def report(job: Job) -> None:
     final_report(job)
 
 
-RECOVER = (validate, load, evaluate_stage("before"), train, merge, ppl_merged, remask, save,
+RECOVER = (validate, load, check_model, evaluate_stage("before"), train, merge, ppl_merged, remask, save,
            evaluate_stage("after"), report)
 LORA_MERGE_ONLY = (merge, ppl_merged, remask)  # no-ops unless LoRA is merged (left out, so untimed)
 
