@@ -212,7 +212,10 @@ def plan_teacher(student: nn.Module | dict[str, int] | None, tokenizer, opts: Re
     from llmprune.models.loading import _load_tokenizer, check_model_exists
 
     if opts.teacher_device is not None:
-        check_device(opts.teacher_device)
+        try:
+            check_device(opts.teacher_device)
+        except LLMPruneError as e:
+            raise LLMPruneError(f"--teacher-device: {e}") from None
     if isinstance(student, nn.Module):
         source = source or getattr(student, "name_or_path", None) or None
         dtype = next(student.parameters()).dtype

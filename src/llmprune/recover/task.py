@@ -58,8 +58,12 @@ class _RecoveryTask:
     def set_training(self, training: bool) -> None:
         """Attach the teacher and the terms' hooks for the run; detach them after."""
         for part in [self.teacher, *self.terms]:
-            if part is not None and hasattr(part, "attach"):
-                part.attach() if training else part.detach()
+            if part is None or not hasattr(part, "attach"):
+                continue
+            if training:
+                part.attach()
+            else:
+                part.detach()
 
     def before_step(self, step: int) -> dict[str, float]:
         return {}
