@@ -166,7 +166,7 @@ def test_resume_with_another_mode_or_mask_is_refused(tokenizer, corpus, tmp_path
     (dict(mode="masked", lora_rank=4), "--lora-rank only applies to --mode lora"),
     (dict(keep_adapter=True), "--keep-adapter only applies to --mode lora"),
     (dict(lora_alpha=8.0, lora_targets="q_proj"), "--lora-alpha, --lora-targets only apply"),
-    (dict(mode="qlora"), "mode: input should be 'masked' or 'lora'"),
+    (dict(mode="qlora"), "mode: input should be 'masked', 'lora' or 'distill'"),
     (dict(steps=0), "steps must be a positive integer"),
     (dict(mode="lora", lora_dropout=1.0), "lora_dropout must be in"),
     pytest.param(dict(mode="lora", lora_targets="nosuch"), "lora target 'nosuch' matches no decoder linear",
@@ -217,7 +217,7 @@ model_dir, data, out, accum, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(s
 acc = Accelerator(cpu=True)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(model_dir)
-extra = dict(lora_dropout=0.1) if mode == "lora" else {}
+extra = {"lora": dict(lora_dropout=0.1), "distill": dict(teacher=sys.argv[6], kd_hidden_weight=0.5)}.get(mode, {})
 res = recover(model, tok, mode=mode, steps=3, seqlen=32, batch_size=1, grad_accum=accum, train_data=data,
               log_every=1, lr=1e-3, progress=False, accelerator=acc, **extra)
 state = {k: v.contiguous() for k, v in res.model.state_dict().items()}
@@ -228,7 +228,7 @@ save_file(state, f"{out}/{mode}-rank{acc.process_index}-of-{acc.num_processes}.s
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
-@pytest.mark.parametrize("mode", ["masked", "lora"])
+@pytest.mark.parametrize("mode", ["masked", "lora", "distill"])
 def test_two_process_recovery_equals_one_process(tmp_path, shared_data, tokenizer, mode):
     import os
     import shutil
@@ -240,9 +240,11 @@ def test_two_process_recovery_equals_one_process(tmp_path, shared_data, tokenize
 
     if mode == "lora":
         pytest.importorskip("peft")
-    model_dir = tmp_path / "pruned"
+    model_dir, dense_dir = tmp_path / "pruned", tmp_path / "dense"
     pruned_tiny().save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    tiny_model().save_pretrained(dense_dir)  # the teacher of mode distill
+    tokenizer.save_pretrained(dense_dir)
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     text = tmp_path / "train.txt"
     shutil.copy(shared_data / "wikitext-2-raw" / "wiki.valid.raw", text)
@@ -251,7 +253,7 @@ def test_two_process_recovery_equals_one_process(tmp_path, shared_data, tokenize
     for nproc, accum in ((2, 1), (1, 2)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(29700 + os.getpid() % 1000 + nproc), str(tmp_path / "ddp.py"),
-               str(model_dir), str(text), str(tmp_path), str(accum), mode]
+               str(model_dir), str(text), str(tmp_path), str(accum), mode, str(dense_dir)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-3000:]
     r0, r1, single = (load_file(tmp_path / f"{mode}-{f}.safetensors")

@@ -101,7 +101,7 @@ def test_recover_keep_adapter_cli_saves_a_peft_adapter(pruned_dir, tmp_path, cap
 @pytest.mark.parametrize("args,msg", [
     (["--mode", "masked", "--lora-rank", "4"], "--lora-rank only applies to --mode lora"),
     (["--keep-adapter"], "--keep-adapter only applies to --mode lora"),
-    (["--mode", "sparse"], "mode: input should be 'masked' or 'lora'"),
+    (["--mode", "sparse"], "mode: input should be 'masked', 'lora' or 'distill'"),
     (["--steps", "0"], "steps must be a positive integer"),
     (["--masks", "nosuch.npz"], "mask file nosuch.npz does not exist"),
     (["--resume", "/no/such/dir"], "resume directory /no/such/dir does not exist"),

@@ -18,13 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 from pydantic import Field
 
 from llmprune.config import RunOptions
 from llmprune.data.sources import load_corpus
 from llmprune.eval.sparsity import measure_sparsity
-from llmprune.export.save import REPORT_FILE, save_pruned
+from llmprune.export.save import REPORT_FILE, report_kind, save_pruned
 from llmprune.jobs.context import (
     Job,
     check_run,
@@ -39,8 +40,9 @@ from llmprune.jobs.header import header
 from llmprune.jobs.kind import JobKind
 from llmprune.masks import MaskSet
 from llmprune.masks.files import MASK_FILE, read_packed
-from llmprune.recover import lora
-from llmprune.recover.api import merge_adapter, pruned_nonzero, recover, remask_result
+from llmprune.recover import distill, lora
+from llmprune.recover.api import merge_adapter, model_masks, pruned_nonzero, recover, remask_result
+from llmprune.recover.memory import check_recover_memory
 from llmprune.recover.options import RecoverOptions
 from llmprune.report import load_report
 from llmprune.train.trainer import check_resume_dir, checkpoint_dir
@@ -59,14 +61,38 @@ class RecoverConfig(RunOptions, RecoverOptions):
 
 
 def input_report(model: str) -> dict | None:
-    """What the input directory's ``pruning.json`` says it is (kind, target, sparsity), if any."""
+    """What the input directory's ``pruning.json`` says it is (kind, target, sparsity, and
+    whether its decoder linears are dense: structured outputs have no mask), if any."""
     path = Path(model).expanduser() / REPORT_FILE
     if not path.is_file():
         return None
     r = load_report(path)
     recipe = r.get("recipe") or {}
-    return {"kind": r.get("kind", "prune"), "target": r.get("target"), "sparsity": r.get("sparsity"),
-            "method": recipe.get("method") if isinstance(recipe, dict) else None}
+    kind = report_kind(r)
+    structured = kind == "structured"
+    masks = (r.get("recover") or {}).get("masks") if kind == "recover" else None
+    return {"kind": kind, "target": r.get("target"), "sparsity": r.get("sparsity"),
+            "method": recipe.get("method") if isinstance(recipe, dict) and "method" in recipe else r.get("method"),
+            "dense": structured or (isinstance(masks, dict) and masks.get("sparsity") == 0)}
+
+
+def check_teacher(job: Job) -> None:
+    """Distillation: the teacher (given, or the input's dense model) exists and fits the
+    student (tokenizer, logits, hidden size and layers), read from files before anything loads."""
+    from llmprune.models.loading import _load_tokenizer, model_source
+
+    config: RecoverConfig = job.config
+    from_files = isinstance(job.model, str | None)
+    student_shape = tokenizer = None
+    if from_files and not Path(model_source(config.model)).expanduser().is_file():
+        student_shape = distill.config_shape(config.model, config.trust_remote_code)
+        tokenizer = _load_tokenizer(model_source(config.model), config.model, False, config.trust_remote_code)
+    elif not from_files:
+        student_shape, tokenizer = distill.shape_of(job.model), job.tokenizer
+    plan = distill.plan_teacher(student_shape, tokenizer, RecoverOptions.pick(config), None,
+                                source=config.model if from_files else getattr(job.model, "name_or_path", None),
+                                trust_remote_code=config.trust_remote_code)
+    job.extra["teacher"] = plan.name
 
 
 def validate(job: Job) -> None:
@@ -81,21 +107,43 @@ def validate(job: Job) -> None:
     job.extra["corpus"] = load_corpus(config.train_data, "train")  # decoded before the model loads
     job.extra["input"] = input_report(config.model) if isinstance(job.model, str | None) else None
     check_run(job)
+    if config.distills:
+        check_teacher(job)
+
+
+def check_model(job: Job) -> None:
+    """The training state's memory against what is free, the teacher's (not loaded yet) included,
+    before the first perplexity or any weight of the teacher is read."""
+    config: RecoverConfig = job.config
+    opts = RecoverOptions.pick(config)
+    targets = lora.lora_targets(job.model, opts.lora_targets) if opts.mode == "lora" else None
+    sizer = None
+    if opts.distills:
+        dtype = next(job.model.parameters()).dtype
+        sizer = distill.teacher_skeleton(job.extra["teacher"], dtype, config.trust_remote_code)
+    check_recover_memory(job.model, opts, targets, sizer, config.teacher_device or job.device, teacher_loaded=False,
+                         device=job.device)
 
 
 def train(job: Job) -> None:
     """Masked fine-tuning or LoRA training; a LoRA adapter stays unmerged for the next stages."""
     config: RecoverConfig = job.config
-    # the mask as recorded: a mask file, the input's masks.npz, or its zeros completed to the
-    # N:M pattern its pruning.json records (never a kept weight that happens to be 0 lost)
+    # the mask as recorded: a mask file; none for a dense (structured) input, whose exact zeros
+    # (dequantised weights have some) are no mask, so every weight trains; the input's masks.npz,
+    # or its zeros completed to the N:M pattern its pruning.json records
     if config.masks:
         masks = dict(MaskSet.load(config.masks, job.model))
+    elif (job.extra.get("input") or {}).get("dense"):
+        masks = {n: torch.ones_like(m) for n, m in model_masks(job.model).items()}
     elif isinstance(config.model, str) and Path(config.model).expanduser().is_dir():
         masks = dict(MaskSet.of_output(config.model, job.model))
     else:
         masks = None
     work = Path(config.resume).expanduser().resolve() if config.resume else checkpoint_dir(config.out)
     result = recover(job.model, job.tokenizer, RecoverOptions.pick(config), masks=masks,
+                     teacher=job.extra.get("teacher"),
+                     source=config.model if isinstance(config.model, str) else None,
+                     trust_remote_code=config.trust_remote_code,
                      corpus=job.extra["corpus"], work_dir=work, resume=config.resume, finish=False,
                      progress=job.progress, device=job.device)
     job.device = result.report["device"]  # where it trained (the accelerator's device)
@@ -183,7 +231,7 @@ def report(job: Job) -> None:
     final_report(job)
 
 
-RECOVER = (validate, load, evaluate_stage("before"), train, merge, ppl_merged, remask, save,
+RECOVER = (validate, load, check_model, evaluate_stage("before"), train, merge, ppl_merged, remask, save,
            evaluate_stage("after"), report)
 LORA_MERGE_ONLY = (merge, ppl_merged, remask)  # no-ops unless LoRA is merged (left out, so untimed)
 
@@ -215,6 +263,13 @@ def summary(report: dict) -> list[str]:
         lines.append(f"adapter saved in {report['adapter']}/ beside the untouched sparse base")
     if "remask" in r:
         lines.append(f"re-masking dropped {r['remask']['update_outside_mask']:.1%} of the LoRA update (‖ΔW‖²)")
+    if "distill" in r:
+        d = r["distill"]
+        lines.append(f"distilled from {d['teacher']}: logit KL at T={d['temperature']:g} "
+                     + (f"on its top-{d['topk']} tokens" if d["topk"] else "on the full vocabulary")
+                     + (f" + {d['hidden_weight']:g} × hidden-state MSE over {len(d['layer_map'])} layers"
+                        if d["hidden_weight"] else "") + (" + cross-entropy" if d["loss"] == "kd+ce" else "")
+                     + (f", final KL {final['kd']:.4f}" if "kd" in final else ""))
     for name, cost in (report.get("remask_cost") or {}).items():
         lines.append(f"  PPL {name} merged, not re-masked: {cost['merged_ppl']:.3f}")
     return lines

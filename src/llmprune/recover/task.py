@@ -1,5 +1,6 @@
 """Recovery as :class:`~llmprune.train.trainer.TrainTask`\\ s: masked fine-tuning of the kept
-weights, and a LoRA adapter over the frozen sparse weights. The loop is MaskLLM's trainer."""
+weights, and a LoRA adapter over the frozen sparse weights, each on loss terms
+(:mod:`llmprune.train.losses`: the LM loss, or distillation from a teacher). One loop: the trainer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from llmprune.models.adapter import masked_linears
+from llmprune.train.losses import LMLoss, LossTerm
 
 
 def recover_fingerprint(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str) -> dict:
@@ -32,19 +34,36 @@ def recover_fingerprint(model: nn.Module, masks: Mapping[str, torch.Tensor], mod
 
 
 class _RecoveryTask:
-    """What both recovery tasks share: one parameter group ``trained``, no schedules, no extra
-    loss, and checkpoints that hold the trained tensors."""
+    """What both recovery tasks share: one parameter group ``trained``, no schedules, the loss
+    ``terms`` (default: the LM loss; a teacher's are attached while training), and
+    checkpoints that hold the trained tensors."""
 
     name = "recover"
     group = "trained"
 
-    def __init__(self, model: nn.Module, trained: dict[str, torch.Tensor], fingerprint: dict) -> None:
+    def __init__(self, model: nn.Module, trained: dict[str, torch.Tensor], fingerprint: dict,
+                 terms: list[LossTerm] | None = None, teacher=None) -> None:
         self.model = model
         self.trained = trained
         self._fingerprint = fingerprint
+        self.terms = terms if terms is not None else [LMLoss()]
+        self.teacher = teacher  # a llmprune.train.teacher.Teacher, placed and hooked while training
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"name": self.group, "params": list(self.trained.values()), "lr": lr}]
+
+    def loss_terms(self) -> list[LossTerm]:
+        return self.terms
+
+    def set_training(self, training: bool) -> None:
+        """Attach the teacher and the terms' hooks for the run; detach them after."""
+        for part in [self.teacher, *self.terms]:
+            if part is None or not hasattr(part, "attach"):
+                continue
+            if training:
+                part.attach()
+            else:
+                part.detach()
 
     def before_step(self, step: int) -> dict[str, float]:
         return {}
@@ -81,13 +100,16 @@ class MaskedFinetuneTask(_RecoveryTask):
 
     name, group = "recover masked", "weights"
 
-    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], fingerprint: dict) -> None:
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], fingerprint: dict,
+                 terms: list[LossTerm] | None = None, teacher=None) -> None:
         lins = masked_linears(model)
-        super().__init__(model, {n: lins[n.removesuffix(".weight")].weight for n in masks}, fingerprint)
+        super().__init__(model, {n: lins[n.removesuffix(".weight")].weight for n in masks}, fingerprint,
+                         terms, teacher)
         self.pruned = {n: ~m.to(torch.bool) for n, m in masks.items()}  # one byte per weight
         self._hooks: list = []
 
     def set_training(self, training: bool) -> None:
+        super().set_training(training)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -109,9 +131,10 @@ class LoraTask(_RecoveryTask):
 
     name, group = "recover lora", "lora"
 
-    def __init__(self, peft_model: nn.Module, dropout: float, fingerprint: dict) -> None:
+    def __init__(self, peft_model: nn.Module, dropout: float, fingerprint: dict,
+                 terms: list[LossTerm] | None = None, teacher=None) -> None:
         super().__init__(peft_model, {n: p for n, p in peft_model.named_parameters()
-                                      if "lora_" in n and p.requires_grad}, fingerprint)
+                                      if "lora_" in n and p.requires_grad}, fingerprint, terms, teacher)
         # peft's dropout modules: the trainer puts the whole model in eval mode (MaskLLM trains
         # without dropout), so the adapter's dropout is switched on here
         self.dropouts = [m for n, m in peft_model.named_modules()
@@ -119,6 +142,7 @@ class LoraTask(_RecoveryTask):
         self.dropout = dropout
 
     def set_training(self, training: bool) -> None:
+        super().set_training(training)
         for m in self.dropouts:
             m.train(training)
 

@@ -35,6 +35,7 @@ from llmprune.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from llmprune.train.losses import LMLoss, LossTerm, MicroBatch, total_loss, wants_labels
 from llmprune.train.schedule import cosine
 from llmprune.train.stream import PackedStream, StreamState
 
@@ -84,7 +85,8 @@ class TrainTask(Protocol):
         """Reseed the method's noise for one micro-batch."""
 
     def extra_loss(self) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """Loss terms beside the LM cross-entropy, after a forward (and their values to log)."""
+        """A loss beside the terms, after a forward (and values to log), e.g. a regulariser
+        of the method's own parameters."""
 
     def log_stats(self) -> dict[str, float]:
         """Statistics since the last call (e.g. the share of hard-mask flips)."""
@@ -99,8 +101,20 @@ class TrainTask(Protocol):
 
     # Optional (looked up with getattr, so older tasks need not define them):
     #   name: str                 -- the progress bar's label (default "train")
+    #   loss_terms() -> list[LossTerm]
+    #                             -- what the loss sums (llmprune.train.losses: the LM loss, logit
+    #                                KL to a teacher, hidden-state MSE); default [LMLoss()]
     #   after_step() -> None      -- called after every optimiser step, e.g. to re-apply a fixed
     #                                mask to weights that AdamW's decay or moments could move
+
+
+def task_terms(task: TrainTask) -> list[LossTerm]:
+    """The loss terms ``task`` trains on: its own, or the plain LM loss."""
+    get = getattr(task, "loss_terms", None)
+    terms = list(get()) if get is not None else [LMLoss()]
+    if not any(isinstance(t, LMLoss) for t in terms):
+        terms.insert(0, LMLoss(0.0))  # the cross-entropy is always logged
+    return terms
 
 
 def checkpoint_dir(out: str | None) -> Path | None:
@@ -284,6 +298,8 @@ class Trainer:
         model.eval()  # no dropout: the noise is the mask's own (the reference trains with dropout 0)
         self.task.set_training(True)
         after_step = getattr(self.task, "after_step", None)
+        terms = task_terms(self.task)
+        labels = wants_labels(terms)
         bar = tqdm(total=o.steps, initial=self.step, disable=not (self.progress and acc.is_main_process),
                    desc=getattr(self.task, "name", "train"), dynamic_ncols=True)
         t_last, tokens, ce_acc, extra_acc, n_acc = time.perf_counter(), 0, 0.0, {}, 0
@@ -297,12 +313,14 @@ class Trainer:
                     ids = windows[j * per:(j + 1) * per].to(acc.device)
                     sync = contextlib.nullcontext() if a == o.grad_accum - 1 else acc.no_sync(model)
                     with sync:
-                        ce = model(input_ids=ids, labels=ids, use_cache=False).loss
+                        out = model(input_ids=ids, labels=ids if labels else None, use_cache=False)
+                        loss, vals = total_loss(terms, MicroBatch(ids, out))
+                        del out  # the graph keeps what the backward needs
                         extra, extra_vals = self.task.extra_loss()
-                        loss = ce if extra is None else ce + extra
+                        loss = extra if loss is None else loss if extra is None else loss + extra
                         acc.backward(loss / o.grad_accum)
-                    ce_acc += ce.item()
-                    for k, v in extra_vals.items():
+                    ce_acc += vals.pop("ce")
+                    for k, v in {**vals, **extra_vals}.items():
                         extra_acc[k] = extra_acc.get(k, 0.0) + v
                     n_acc += 1
                 if o.grad_clip > 0:
@@ -328,6 +346,7 @@ class Trainer:
                            **self.task.log_stats()}
                     self.log.append(rec)
                     shown = {"loss": f"{ce_mean:.3f}",  # a task's own values only where it has them
+                             **{k: f"{rec[k]:.3f}" for k in ("kd", "hidden") if k in rec},
                              **{k: f"{sched_vals[k]:.3g}" for k in ("tau", "kappa") if k in sched_vals},
                              "tok_s": f"{rec['tokens_per_s'] or 0:.0f}",
                              **({"flip": f"{rec['flipped']:.2%}"} if "flipped" in rec else {})}
