@@ -193,3 +193,23 @@ def no_heavy_work(monkeypatch):
 def no_pruning(monkeypatch):
     """Bad input that needs the loaded model must be refused before any work beyond loading it."""
     arm_tripwire(monkeypatch, weights=False)
+
+
+def one_line_error(capsys, rc: int) -> str:
+    """Assert a command failed with exit 2 and exactly one ``llmprune: error:`` line; return it."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("llmprune: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tiny_dirs, tmp_path_factory):
+    """The tiny Llama pruned to 2:4 by magnitude, through the CLI (a llmprune output directory)."""
+    from llmprune.cli import main
+
+    out = tmp_path_factory.mktemp("pruned") / "p24"
+    assert main(["prune", str(tiny_dirs["llama"]), "--method", "magnitude", "--pattern", "2:4",
+                 "--out", str(out), "-q"]) == 0
+    return out

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import one_line_error
 from torch import nn
 
 import llmprune.eval.placement as placement
@@ -29,12 +30,6 @@ ppl_mod = importlib.import_module("llmprune.eval.perplexity")
 EVAL = ["--seqlen", "32", "--max-windows", "1", "-q"]
 
 
-def one_line_error(capsys, rc: int) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("llmprune: error: "), err
-    return lines[0]
 
 
 @pytest.fixture

@@ -273,13 +273,6 @@ CLI = ["--steps", "2", "--seqlen", "32", "--checkpoint-every", "1", "--log-every
        "--max-windows", "1", "-q"]
 
 
-@pytest.fixture(scope="module")
-def pruned_dir(tiny_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pruned") / "p24"
-    assert main(["prune", str(tiny_dirs["llama"]), "--method", "magnitude", "--pattern", "2:4",
-                 "--out", str(out), "-q"]) == 0
-    return out
-
 
 def test_cli_distill_takes_the_teacher_from_pruning_json(tiny_dirs, pruned_dir, tmp_path, capsys):
     out = tmp_path / "rec"

@@ -13,13 +13,6 @@ from llmprune.sparsity.patterns import Target
 TINY = ["--steps", "2", "--seqlen", "32", "--checkpoint-every", "1", "--log-every", "1", "--lr", "1e-2", "-q"]
 
 
-@pytest.fixture(scope="module")
-def pruned_dir(tiny_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pruned") / "p24"
-    assert main(["prune", str(tiny_dirs["llama"]), "--method", "magnitude", "--pattern", "2:4",
-                 "--out", str(out), "-q"]) == 0
-    return out
-
 
 def test_recover_lora_cli_merges_remasks_and_reports_the_cost(pruned_dir, tmp_path, capsys):
     pytest.importorskip("peft")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line_error
 
 from llmprune.cli import main
 from llmprune.masks import MaskSet
@@ -27,12 +28,6 @@ REPO_SRC = str(Path(__file__).resolve().parents[1] / "src")
 EVAL = ["--seqlen", "32", "--max-windows", "1", "-q"]
 
 
-def one_line_error(capsys, rc: int) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("llmprune: error: "), err
-    return lines[0]
 
 
 def run_py(code: str, *args: str, stdin: str | None = None, **kw) -> subprocess.CompletedProcess:
