@@ -131,14 +131,14 @@ def prune_in_one_pass(layer: nn.Module, linears: dict[str, nn.Linear], inps: tor
     try:
         workers = [threading.Thread(target=work, args=(j,), name=f"llmprune-batch-{j}", daemon=True)
                    for j in range(len(starts))]
-        for t in workers:
-            t.start()
-        try:
+        try:  # a Ctrl-C may come while the first workers already run and the rest start
+            for t in workers:
+                t.start()
             for t in workers:
                 t.join()
         except BaseException as e:  # e.g. Ctrl-C in the caller: stop the workers, then go on
             relay.fail(e)
-            _join_all(workers)
+            _join_all([t for t in workers if t.ident is not None])
             raise
     finally:
         for h in handles:
