@@ -268,7 +268,7 @@ def check_model_files(name_or_path: str, trust_remote_code: bool = False) -> Non
         check_weights(p)
 
 
-def _load_tokenizer(src: str, name: str, need: bool, trust_remote_code: bool):
+def load_tokenizer(src: str, name: str, need: bool, trust_remote_code: bool):
     """The tokenizer of ``src``; None when there is none and ``need`` is False."""
     from transformers import AutoTokenizer
 
@@ -324,7 +324,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype 
                 from transformers import PretrainedConfig
 
                 check_config(name_or_path, PretrainedConfig.get_config_dict(src)[0], trust_remote_code)
-            tok = _load_tokenizer(src, name_or_path, need_tokenizer, trust_remote_code)
+            tok = load_tokenizer(src, name_or_path, need_tokenizer, trust_remote_code)
             with warnings.catch_warnings():  # torch's note on a pickled checkpoint's protocol
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 model = AutoModelForCausalLM.from_pretrained(

@@ -209,7 +209,7 @@ def plan_teacher(student: nn.Module | dict[str, int] | None, tokenizer, opts: Re
     loads (None: unknown yet, e.g. a .gguf file; those checks wait for :func:`load_teacher`).
     """
     from llmprune.eval.placement import check_device
-    from llmprune.models.loading import _load_tokenizer, check_model_exists
+    from llmprune.models.loading import load_tokenizer, check_model_exists
 
     if opts.teacher_device is not None:
         try:
@@ -233,7 +233,7 @@ def plan_teacher(student: nn.Module | dict[str, int] | None, tokenizer, opts: Re
         except LLMPruneError as e:
             raise LLMPruneError(f"teacher: {e}") from None
         shape = config_shape(name, trust_remote_code)
-        teacher_tokenizer = teacher_tokenizer or _load_tokenizer(model_source(name), name, False, trust_remote_code)
+        teacher_tokenizer = teacher_tokenizer or load_tokenizer(model_source(name), name, False, trust_remote_code)
         sizer = teacher_skeleton(name, dtype or torch.float32, trust_remote_code)
         model = None
     else:

@@ -79,14 +79,14 @@ def input_report(model: str) -> dict | None:
 def check_teacher(job: Job) -> None:
     """Distillation: the teacher (given, or the input's dense model) exists and fits the
     student (tokenizer, logits, hidden size and layers), read from files before anything loads."""
-    from llmprune.models.loading import _load_tokenizer, model_source
+    from llmprune.models.loading import load_tokenizer, model_source
 
     config: RecoverConfig = job.config
     from_files = isinstance(job.model, str | None)
     student_shape = tokenizer = None
     if from_files and not Path(model_source(config.model)).expanduser().is_file():
         student_shape = distill.config_shape(config.model, config.trust_remote_code)
-        tokenizer = _load_tokenizer(model_source(config.model), config.model, False, config.trust_remote_code)
+        tokenizer = load_tokenizer(model_source(config.model), config.model, False, config.trust_remote_code)
     elif not from_files:
         student_shape, tokenizer = distill.shape_of(job.model), job.tokenizer
     plan = distill.plan_teacher(student_shape, tokenizer, RecoverOptions.pick(config), None,
