@@ -209,7 +209,7 @@ def plan_teacher(student: nn.Module | dict[str, int] | None, tokenizer, opts: Re
     loads (None: unknown yet, e.g. a .gguf file; those checks wait for :func:`load_teacher`).
     """
     from llmprune.eval.placement import check_device
-    from llmprune.models.loading import load_tokenizer, check_model_exists
+    from llmprune.models.loading import check_model_exists, load_tokenizer
 
     if opts.teacher_device is not None:
         try:
