@@ -38,11 +38,14 @@ def outputs(tiny_dirs, tmp_path_factory, shared_data) -> dict:
     out["masks"] = root / "masks"
     assert main(["masks", "apply", m, str(out["prune"] / "masks.npz"), "--out", str(out["masks"])]) == 0
     recipe = root / "chain.yaml"
-    recipe.write_text(f"model: {m}\nstages:\n  - prune: {{method: magnitude, pattern: '2:4'}}\n"
+    recipe.write_text(f"model: {m}\nseqlen: 32\nstages:\n  - prune: {{method: magnitude, pattern: '2:4'}}\n"
+                      "  - distill: {steps: 1, checkpoint_every: 1}\n"
+                      "  - blockwise: {nsamples: 2, recon_steps: 2, ppl: wikitext2, ppl_seqlen: 32, max_windows: 1}\n"
                       "  - eval: {ppl: wikitext2, ppl_seqlen: 32, max_windows: 1}\n")
     out["chain"] = root / "chain"
     assert main(["run", str(recipe), "--out", str(out["chain"]), "-q"]) == 0
-    out["eval"] = out["chain"] / "stages" / "02-eval"
+    for stage in ("02-distill", "03-blockwise", "04-eval"):
+        out[stage[3:]] = out["chain"] / "stages" / stage
     return out
 
 
@@ -163,3 +166,18 @@ def test_complete_nm_keeps_exactly_n_and_refuses_more():
     assert torch.equal(done & nonzero, nonzero)  # never drops a nonzero
     with pytest.raises(LLMPruneError, match="not 2:4"):
         complete_nm(torch.ones(1, 4, dtype=torch.bool), 2, 4)
+
+
+def test_the_chain_distills_and_tunes_block_wise_keeping_the_pattern(outputs, tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    distilled = json.loads((outputs["distill"] / "pruning.json").read_text())
+    assert distilled["recover"]["distill"]["loss"] == "kd" and distilled["target"] == "2:4"
+    tuned = json.loads((outputs["blockwise"] / "pruning.json").read_text())
+    b = tuned["blockwise"]
+    assert b["layers"] == 2 and b["teacher"] == str(tiny_dirs["llama"])  # the chain's dense model
+    assert b["error_after_mean"] < b["error_before_mean"]
+    assert tuned["ppl"]["after"]["wikitext2"]["ppl"] < tuned["ppl"]["before"]["wikitext2"]["ppl"]
+    model = AutoModelForCausalLM.from_pretrained(outputs["blockwise"])
+    MaskSet.load(outputs["blockwise"] / "masks.npz", model).check(Target.nm(2, 4))
+    MaskSet.from_model(model).check(Target.nm(2, 4))  # the weights themselves: the pattern held

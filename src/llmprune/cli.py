@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from llmprune.errors import user_error
 
@@ -26,8 +26,8 @@ def add_option_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: t
     Python API alike; booleans are switches.
     """
     for name, f in model.model_fields.items():
-        if name in skip:
-            continue
+        if name in skip or (get_origin(f.annotation) is Literal and len(get_args(f.annotation)) == 1):
+            continue  # a field with one possible value is no choice
         flag = "--" + name.replace("_", "-")
         default = f.get_default(call_default_factory=True)
         shown = "" if default in (None, [], "") else f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"

@@ -16,7 +16,9 @@ import json
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -244,9 +246,11 @@ def recover_stages(config: RecoverConfig) -> tuple:
     return tuple(s for s in RECOVER if s not in LORA_MERGE_ONLY)
 
 
-def run_recover(config: RecoverConfig, model=None, tokenizer=None, progress: bool = True) -> Job:
-    """Run a recovery job (``model`` may be given loaded, with its ``tokenizer``)."""
-    return run_stages(Job(config, model, kind="recover", tokenizer=tokenizer, progress=progress), recover_stages(config))
+def run_recover(config: RecoverConfig, model=None, tokenizer=None, progress: bool = True,
+                kind: str = "recover") -> Job:
+    """Run a recovery job (``model`` may be given loaded, with its ``tokenizer``); ``kind`` is
+    what its report records (``distill`` for the chain's distillation stage)."""
+    return run_stages(Job(config, model, kind=kind, tokenizer=tokenizer, progress=progress), recover_stages(config))
 
 
 def summary(report: dict) -> list[str]:
@@ -286,3 +290,15 @@ KIND = JobKind(
     check=lambda c: lora.require_peft() if c.mode == "lora" else None,
     windows=_windows, command="fine-tune a pruned model with its mask fixed (masked or LoRA)",
     model_help="pruned directory (its recorded mask is kept), local HF dir, .gguf file or hub id")
+
+
+class DistillConfig(RecoverConfig):
+    """A ``distill`` stage: recovery by distillation from the dense teacher (``mode: distill``)."""
+
+    mode: Literal["masked", "lora", "distill"] = Field("distill", description="distill (default here): masked "
+                                                       "weights on the teacher's logit KL; lora: an adapter on it")
+
+
+# The chain's `distill` stage: `recover` with distillation by default, and its own kind in reports.
+DISTILL = replace(KIND, name="distill", config=DistillConfig, command=None,
+                  run=lambda c, progress: run_recover(c, progress=progress, kind="distill").report)
