@@ -252,3 +252,23 @@ def test_depth_tunes_the_blocks_beside_the_gap(monkeypatch, start):
     api.structured(plain, config={"method": "depth", "layers": 2, "score": "cosine", "nsamples": 4, "seqlen": 32},
                    ids=x, progress=False)
     assert rel(final_hidden(model, x), ref) < rel(final_hidden(plain, x), ref)
+
+
+def test_token_loss_weighs_every_token_alike():
+    """A 10 % error on every token is 0.01 per token whatever the token's norm (an attention-sink
+    token 1000x the others does not dominate it, as it dominates the plain MSE)."""
+    from llmprune.engine.blockwise import ErrorMeter, block_loss, token_errors
+
+    t = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    t[:, 0] *= 1000
+    y = 1.1 * t
+    assert torch.allclose(token_errors(y, t), torch.full((2, 5), 0.01), rtol=1e-4)
+    assert float(block_loss(y, t, "token")) == pytest.approx(0.01, rel=1e-4)
+    assert float(block_loss(y, t, "mse")) == pytest.approx(float((0.1 * t).pow(2).mean()), rel=1e-4)
+    y2 = t.clone()
+    y2[:, 1:] *= 1.3  # the small tokens 30 % off, the sink exact: MSE hardly sees it
+    meter = ErrorMeter(t)
+    meter(0, y2[:1])
+    meter(1, y2[1:])
+    assert meter.error == pytest.approx(0.09 * 4 / 5, rel=1e-4)
+    assert float(block_loss(y2, t, "mse")) < 1e-3 * float(t.pow(2).mean())

@@ -3,11 +3,14 @@ is pruned, before the walk moves on (EBFT, arXiv 2402.12419; AMD Quark's block-w
 "local reconstruction" in arXiv 2510.14444).
 
 For layer ``i`` with ``x`` its inputs on the pruned stream (the outputs of the pruned layers
-before it) and ``T`` the *target*, Adam minimises the mean squared error
+before it) and ``T`` the *target*, Adam minimises the mean over tokens τ of the relative error
 
-    L = mean ‖f_pruned(x) − T‖²
+    L = mean_τ ‖f_pruned(x)_τ − T_τ‖² / ‖T_τ‖²
 
-over mini-batches of calibration rows, changing only what the layer kept: every linear's kept
+(``recon_loss: token``; ``mse`` is EBFT's plain mean squared error, which on SmolLM2 is mostly
+the attention-sink token: it holds up to 95 % of ‖T‖² in the middle layers, while every consumer
+of a hidden state — the next norm, the final norm — sees each token normalised) over
+mini-batches of calibration rows, changing only what the layer kept: every linear's kept
 weights (its keep-mask is re-applied after each step, so the pattern stays exact) and biases,
 and with ``recon_norms`` its norm weights. Two targets (``recon_target``):
 
@@ -20,8 +23,9 @@ and with ``recon_norms`` its norm weights. Two targets (``recon_target``):
 
 The dense stream is one more ``(nsamples, seqlen, hidden)`` buffer, kept by :class:`BlockTuner`
 and advanced in place one layer at a time (its inputs are never needed again), so memory stays
-one layer plus two activation buffers (see ``engine.memory.estimate_bytes``). The relative error
-``‖f(x) − T‖² / ‖T‖²`` over every calibration token is reported before and after tuning.
+one layer plus two activation buffers (see ``engine.memory.estimate_bytes``). The per-token
+relative error (the ``token`` loss over every calibration token) is reported before and after
+tuning.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from llmprune.engine.capture import layer_output
+from llmprune.engine.memory import reuse_one_call_blocks
 from llmprune.models.layers import linear_layers
 from llmprune.options import Options, PositiveFloat, PositiveInt
 
@@ -49,14 +54,19 @@ class BlockwiseOptions(Options):
     reconstruct: Literal["none", "blockwise"] = Field(
         "none", description="blockwise: after each layer is pruned, tune its kept weights (mask fixed) "
         "with Adam so its output matches the dense layer's, then propagate")
-    recon_steps: PositiveInt = Field(32, description="blockwise: Adam steps per layer")
-    recon_lr: PositiveFloat = Field(1e-4, description="blockwise: Adam learning rate (decayed linearly to 0)")
-    recon_batch: PositiveInt = Field(4, description="blockwise: calibration rows per step (at most nsamples)")
+    recon_steps: PositiveInt = Field(16, description="blockwise: Adam steps per layer")
+    recon_lr: PositiveFloat = Field(3e-3, description="blockwise: Adam learning rate (decayed linearly to 0)")
+    recon_batch: PositiveInt = Field(2, description="blockwise: calibration rows per step (at most nsamples)")
     recon_norms: bool = Field(False, strict=True, description="blockwise: also tune the layer's norm weights")
     recon_target: Literal["dense", "local"] = Field(
         "dense", description="blockwise: dense = the dense model's own hidden states (the dense layer on "
         "the dense stream; corrects earlier layers' error too) | local = the dense layer on the same "
         "pruned-stream input (EBFT)")
+
+    recon_loss: Literal["token", "mse"] = Field(
+        "token", description="blockwise: token = each token's squared error relative to its target's norm, "
+        "averaged (what the next norm sees; an attention-sink token can hold most of ‖T‖²) | mse = plain mean "
+        "squared error (EBFT)")
 
     @property
     def enabled(self) -> bool:
@@ -72,24 +82,37 @@ def norm_parameters(layer: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def token_errors(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``‖y_τ − t_τ‖² / ‖t_τ‖²`` for every token τ (the last dimension is the hidden one)."""
+    t = t.float()
+    den = t.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (y.float() - t).pow(2).sum(-1) / den
+
+
+def block_loss(y: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The tuning loss: ``token`` = the mean of :func:`token_errors`, ``mse`` = plain MSE."""
+    if kind == "mse":
+        return nn.functional.mse_loss(y.float(), t.float())
+    return token_errors(y, t).mean()
+
+
 class ErrorMeter:
-    """Accumulates ``Σ‖y − T‖²`` and ``Σ‖T‖²`` batch by batch: ``meter(j, y)`` for rows ``j…``."""
+    """The mean over tokens of ``‖y_τ − T_τ‖² / ‖T_τ‖²``, accumulated batch by batch:
+    ``meter(j, y)`` for the outputs ``y`` of rows ``j…``."""
 
     def __init__(self, target: torch.Tensor):
         self.target = target
-        self.num = 0.0
-        self.den = 0.0
+        self.total = 0.0
+        self.tokens = 0
 
     def __call__(self, j: int, y: torch.Tensor) -> None:
-        t = self.target[j : j + y.shape[0]]
-        self.num += float((y.float() - t.float()).pow(2).sum())
-        self.den += float(t.float().pow(2).sum())
+        e = token_errors(y, self.target[j : j + y.shape[0]])
+        self.total += float(e.sum())
+        self.tokens += e.numel()
 
     @property
     def error(self) -> float:
-        if self.den > 0:
-            return self.num / self.den
-        return 0.0 if self.num == 0 else math.inf
+        return self.total / self.tokens if self.tokens else 0.0
 
 
 class BlockTuner:
@@ -176,6 +199,9 @@ def tune_layer(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: 
     schedule, without its warm-up). After every step each masked weight is zeroed again where
     its mask prunes it, so the pattern is exact whatever Adam did."""
     params = tuned_parameters(layer, masks, options.recon_norms)
+    b = min(options.recon_batch, x.shape[0])
+    if x.device.type == "cpu":  # each step's activations come from the heap the last step freed
+        reuse_one_call_blocks(layer, b, x.shape[1])
     flags = {id(p): p.requires_grad for p in layer.parameters()}
     for p in layer.parameters():
         p.requires_grad_(False)
@@ -185,7 +211,7 @@ def tune_layer(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: 
     opt = torch.optim.Adam([p for p, _ in params], lr=options.recon_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     gen = torch.Generator().manual_seed(seed)
-    rows, b = x.shape[0], min(options.recon_batch, x.shape[0])
+    rows = x.shape[0]
     order: list[int] = []
     losses = []
     try:
@@ -196,7 +222,7 @@ def tune_layer(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: 
                 idx, order = order[:b], order[b:]
                 pick = torch.tensor(idx, device=x.device)
                 y = layer_output(layer(x.index_select(0, pick), **kwargs))
-                loss = nn.functional.mse_loss(y.float(), target.index_select(0, pick).float())
+                loss = block_loss(y, target.index_select(0, pick), options.recon_loss)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -6,13 +6,16 @@ import ctypes
 import functools
 import os
 import platform
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from llmprune.engine.blockwise import BlockwiseOptions
 from llmprune.errors import LLMPruneError
 from llmprune.models.layers import decoder_layers, linear_layers
+
+if TYPE_CHECKING:
+    from llmprune.engine.blockwise import BlockwiseOptions
 
 GiB = 1024**3
 
