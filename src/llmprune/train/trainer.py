@@ -1,10 +1,11 @@
 """One training loop on ``accelerate``: the same code on a CPU (fp32), one GPU and many (DDP /
 FSDP through accelerate's own config).
 
-A method plugs in as a :class:`TrainTask`: its parameter groups, per-step schedule, extra loss
-terms, checkpoint tensors and log statistics. The trainer owns the data stream, gradient
-accumulation, AdamW with a cosine learning rate, clipping, the tqdm bar, the JSONL log and
-checkpoint / resume.
+A method plugs in as a :class:`TrainTask`: its parameter groups, per-step schedule, loss terms
+(:mod:`llmprune.train.losses`: the LM loss by default, a teacher's logit KL and hidden states
+for distillation) and extra loss, checkpoint tensors and log statistics. The trainer owns the
+data stream, gradient accumulation, the weighted sum of the terms, AdamW with a cosine learning
+rate, clipping, the tqdm bar, the JSONL log and checkpoint / resume.
 
 Reproducibility: every process reads the same global stream and takes its own micro-batches
 (global micro-batch ``j = a·world + rank`` for accumulation step ``a``), and the task's noise is
