@@ -45,7 +45,7 @@ OUT = Path(__file__).resolve().parent / "out"
 sys.path.insert(0, str(OUT.parent))
 import admm  # noqa: E402  (its cached calibration windows and setting parser)
 
-# name → (method, refine, solver, DSnoT option overrides, label in the table)
+# name → (method, refine, solver, DSnoT option overrides (and refine_linears), label in the table)
 RUNS = {
     "wanda": ("wanda", "none", None, {}, "Wanda"),
     "wanda+dsnot": ("wanda", "dsnot", None, {}, "Wanda + DSnoT"),
@@ -57,11 +57,15 @@ RUNS = {
     "wanda+admm": ("wanda", "none", "admm", {}, "Wanda + ADMM update"),
     "wanda+dsnot+admm": ("wanda", "dsnot", "admm", {}, "Wanda + DSnoT + ADMM update"),
     "ria+admm": ("ria", "none", "admm", {}, "RIA + ADMM update"),
-    # variants: the reference's current default without the sign rule; DSnoT after RIA
+    # variants: without the sign rule; the reference's current defaults (no sign rule, attention
+    # linears only: --skip_layer mlp); DSnoT after RIA
     "wanda+dsnot-nosign": ("wanda", "dsnot", None, {"dsnot_same_sign": False}, "Wanda + DSnoT, no sign rule"),
+    "wanda+dsnot-refdefault": ("wanda", "dsnot", None, {"dsnot_same_sign": False, "refine_linears": "self_attn.*"},
+                               "Wanda + DSnoT, reference defaults"),
     "ria+dsnot": ("ria", "dsnot", None, {}, "RIA + DSnoT"),
 }
-DEFAULT_RUNS = ",".join(n for n in RUNS if n not in ("wanda+dsnot-nosign", "ria+dsnot"))
+VARIANTS = ("wanda+dsnot-nosign", "wanda+dsnot-refdefault", "ria+dsnot")
+DEFAULT_RUNS = ",".join(n for n in RUNS if n not in VARIANTS)
 SETTINGS = "0.5,0.6,0.7,2:4"
 PROTOCOL_KEYS = ("model", "nsamples", "seqlen", "seed", "ppl_seqlen", "max_windows")
 
@@ -152,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             if s in result["results"].get(name, {}):
                 continue
             model.load_state_dict(dense)
+            dsnot_opts = dict(dsnot_opts)
             plan = LayerPlan(method, [target] * n_layers, solver, refine=refine,
+                             refine_linears=dsnot_opts.pop("refine_linears", None),
                              options={DSnoTOptions: DSnoTOptions(**dsnot_opts)}, true_sequential=False)
             t1 = time.perf_counter()
             layers = run_sequential(model, ids, plan, "cpu", progress=False)

@@ -374,18 +374,34 @@ def test_cli_ria_with_dsnot(tiny_dirs, tmp_path, capsys):
             assert ((lin.weight != 0).reshape(lin.weight.shape[0], -1, 4).sum(-1) <= 2).all()
 
 
+def test_refine_only_the_linears_named(tiny_dirs, tmp_path):
+    config = PruneConfig(method="wanda", sparsity=0.6, refine="dsnot", refine_linears="self_attn.*",
+                         dsnot_threshold=0.0, nsamples=4, seqlen=32, true_sequential=False)
+    model, tok = llmprune.load_model(str(tiny_dirs["llama"]))
+    report = llmprune.prune(model, config, tokenizer=tok, progress=False).report
+    entries = report["layers"][0]["linears"]
+    assert all("refine_swaps" in e for n, e in entries.items() if n.startswith("self_attn."))
+    assert sum(e["refine_swaps"] for e in entries.values() if "refine_swaps" in e) > 0
+    assert not any("refine_swaps" in e for n, e in entries.items() if n.startswith("mlp."))
+    assert seq.refines("self_attn.*, mlp.down_proj", ["mlp.down_proj"])
+    assert not seq.refines("self_attn.*", ["self_attn.q_proj", "mlp.up_proj"])
+
+
 @pytest.mark.parametrize("flags,msg", [
     (["--refine", "dsnot", "--dsnot-cycles", "0"], "dsnot_cycles must be a positive integer, got 0"),
     (["--refine", "dsnot", "--dsnot-threshold", "-1"], "dsnot_threshold must be a finite number ≥ 0, got -1.0"),
     (["--refine", "dsnot", "--dsnot-var-power", "nan"], "dsnot_var_power must be a finite number ≥ 0"),
     (["--refine", "dnsot"], "unknown refine 'dnsot'; choose from none, dsnot"),
     (["--method", "ria", "--ria-exponent", "-0.5"], "ria_exponent must be a finite number ≥ 0"),
+    (["--refine-linears", "self_attn.*"], "--refine-linears chooses which linears a refiner refines; give --refine"),
+    (["--refine", "dsnot", "--refine-linears", "attn.*"], "--refine-linears 'attn.*' matches no linear of the model"),
 ])
 def test_bad_refine_options_are_one_line(tiny_dirs, tmp_path, capsys, flags, msg):
     out = tmp_path / "o"
-    rc = main(["prune", str(tiny_dirs["llama"]), "--sparsity", "0.5", *flags, "--out", str(out), "-q"])
+    rc = main(["prune", str(tiny_dirs["llama"]), "--sparsity", "0.5", "--seqlen", "32", *flags,
+               "--out", str(out), "-q"])
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
     assert rc == 2 and len(lines) == 1 and msg in lines[0], err
     assert not out.exists()
     with pytest.raises(LLMPruneError):

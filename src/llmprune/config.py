@@ -107,6 +107,9 @@ class JobConfig(RunOptions):
                                                  "(default: the method's own)")
     refine: _one_of("refine", REFINERS) = Field("none", description=f"refine the method's mask before the solver: "
                                                                     f"{' | '.join(REFINERS)} (dsnot: DSnoT swaps)")
+    refine_linears: str | None = Field(None, description="refine only the linears whose name in the decoder layer "
+                                                         "matches one of these comma-separated globs, e.g. 'self_attn.*' "
+                                                         "(DSnoT's reference default); default all")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
@@ -165,6 +168,9 @@ class PruneConfig(*reversed(PRUNE_OWNERS)):
         method = METHODS[self.method]
         if method.check is not None:
             method.check(method.options.pick(self))
+        if self.refine_linears is not None and self.refine == "none":
+            raise LLMPruneError("--refine-linears chooses which linears a refiner refines; give --refine too "
+                                f"({' | '.join(r for r in REFINERS if r != 'none')})")
         return self
 
     def _validate_allocation(self) -> None:

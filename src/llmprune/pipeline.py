@@ -29,7 +29,7 @@ from llmprune.data.sources import load_corpus
 from llmprune.engine import memory
 from llmprune.engine.blockwise import BlockwiseOptions, summarize
 from llmprune.engine.memory import GiB, check_fits, estimate_bytes
-from llmprune.engine.sequential import LayerPlan, run_sequential
+from llmprune.engine.sequential import LayerPlan, refines, run_sequential
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import check_eval_args, check_eval_data, eval_names
 from llmprune.eval.perplexity import evaluate as evaluate_ppl
@@ -75,7 +75,8 @@ class PruneResult:
 
 
 def check_model_fits(model: nn.Module, config: PruneConfig, needs_data: bool) -> None:
-    """Shape checks that need the model but no data: context length and N:M divisibility."""
+    """Checks that need the model but no data: context length, N:M divisibility, the linears
+    --refine-linears names."""
     ctx = context_length(model)
     lengths = [("seqlen", config.seqlen)] if needs_data else []
     if config.ppl:
@@ -83,6 +84,13 @@ def check_model_fits(model: nn.Module, config: PruneConfig, needs_data: bool) ->
     for name, n in lengths:
         if n is not None and ctx is not None and n > ctx:
             raise LLMPruneError(f"{name} {n} is longer than the model's context ({ctx} tokens); use --{name.replace('_', '-')} ≤ {ctx}")
+    refined = config.refine_linears
+    if refined is not None:
+        names = {n for layer in decoder_layers(model) for n in linear_layers(layer)}
+        if not any(refines(refined, [n]) for n in names):
+            example = sorted(names)[0] if names else "self_attn.q_proj"
+            raise LLMPruneError(f"--refine-linears {refined!r} matches no linear of the model; their names "
+                                f"within a decoder layer look like {example!r}")
     if not config.has_target:  # explicit unstructured ratios for every layer: no shape rule
         return
     target = config.target
@@ -218,6 +226,7 @@ def plan(job: PruneJob) -> None:
     solver = SOLVERS[config.solver or method.default_solver]
     refiner = REFINERS[config.refine]
     job.plan = LayerPlan(config.method, job.targets, config.solver, refine=config.refine,
+                         refine_linears=config.refine_linears,
                          options=config.options_for(method.options, refiner.options, solver.options),
                          allocator=job.allocator, recon_error=config.recon_error,
                          true_sequential=job.true_sequential, blockwise=BlockwiseOptions.pick(config))

@@ -18,6 +18,7 @@ distribution of the pretrained model (see docs/owl.md).
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 import time
 import warnings
@@ -60,6 +61,7 @@ class LayerPlan:
     targets: list[Target] | None = None
     solver: str | None = None
     refine: str = "none"  # a refiner of the method's masks (REFINERS), before the solver
+    refine_linears: str | None = None  # refine only linears whose name matches one of these globs
     options: OptionSet = field(default_factory=dict)  # typed options by owner; missing = defaults
     allocator: Allocator | None = None
     recon_error: bool = False  # collect XᵀX even if the method needs none, to report the error
@@ -140,6 +142,15 @@ def prune_layer(layer: nn.Module, plan: LayerPlan, target: Target, stats: LayerS
     return report
 
 
+def refines(patterns: str | None, names: list[str]) -> bool:
+    """Whether a group of linears is refined: always without ``patterns`` (comma-separated globs
+    on the names within the layer, e.g. ``self_attn.*``), else when every name matches one."""
+    if not patterns:
+        return True
+    globs = [g.strip() for g in patterns.split(",") if g.strip()]
+    return all(any(fnmatch.fnmatchcase(n, g) for g in globs) for n in names)
+
+
 @torch.no_grad()
 def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, plan: LayerPlan, target: Target,
                 stats: LayerStats | None, routed: set[str] = frozenset(),
@@ -152,10 +163,11 @@ def prune_group(linears: dict[str, nn.Linear], names: list[str], leader: str, pl
     group_stats = stats.get(leader) if stats else {}
     t0 = time.perf_counter()
     record: dict = {}
+    refine = plan.refine if refines(plan.refine_linears, names) else "none"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NumericalWarning)
         results = prune_weight(plan.method, Ws, group_stats, target, solver=plan.solver, options=plan.options,
-                               refine=plan.refine, record=record)
+                               refine=refine, record=record)
     dt = time.perf_counter() - t0
     notes = [w.message for w in caught if isinstance(w.message, NumericalWarning)]
     for note in notes:  # e.g. a singular XᵀX solved with more damping: say so, and record it

@@ -53,11 +53,8 @@ class LayerStats:
 
     @property
     def xtx(self) -> dict[str, torch.Tensor]:
+        """XᵀX by leader (empty when not collected)."""
         return self.sums.get("xtx", {})
-
-    @property
-    def col_sq(self) -> dict[str, torch.Tensor]:
-        return self.sums.get("col_sq", {})
 
     def _hook(self, name: str):
         def fn(_module, args):
