@@ -28,6 +28,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
 from llmprune.models.layers import context_length
 from llmprune.structured import depth as D
+from llmprune.structured.attention import HeadPlan, plan_heads, run_attention
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.osscar import mlp_width, osscar_prune
 from llmprune.structured.shrink import (
@@ -50,6 +51,7 @@ class StructuredPlan:
     intermediate: int | None = None
     k: int | None = None  # depth: layers removed
     n_layers: int = 0
+    heads: HeadPlan | None = None  # osscar --target attention: kept heads in every layer
 
 
 @dataclass
@@ -116,6 +118,10 @@ def plan_structured(model: nn.Module, options: StructuredOptions) -> StructuredP
     if ctx is not None and options.seqlen > ctx:
         raise LLMPruneError(f"seqlen {options.seqlen} is longer than the model's context ({ctx} tokens); "
                             f"use --seqlen ≤ {ctx}")
+    if options.method == "osscar" and options.target == "attention":
+        heads = plan_heads(model, layers, options.ratio, options.param_ratio, options.attention_unit,
+                           count_params(model))
+        return StructuredPlan("osscar", heads=heads, n_layers=len(layers))
     if options.method == "osscar":
         width, inter = _osscar_width(model, layers, options)
         return StructuredPlan("osscar", width=width, intermediate=inter, n_layers=len(layers))
@@ -159,7 +165,10 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     calib_s = time.perf_counter() - t0
     params_before = count_params(model)
     t0 = time.perf_counter()
-    if plan.method == "osscar":
+    key = plan.method
+    if plan.heads is not None:
+        key, section = "attention", run_attention(model, ids, plan.heads, options, device, progress)
+    elif plan.method == "osscar":
         section = run_osscar(model, ids, plan, options, device, progress)
     else:
         section = run_depth(model, ids, plan, options, device, progress)
@@ -169,7 +178,7 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
         "options": options.model_dump(),
         "params": {"before": params_before, "after": params_after,
                    "removed_share": 1 - params_after / params_before},
-        plan.method: section,
+        key: section,
         "timings": {"calibrate_s": calib_s, "prune_s": time.perf_counter() - t0},
     }
     return StructuredResult(model, report)
