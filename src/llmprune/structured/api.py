@@ -29,6 +29,8 @@ from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
 from llmprune.models.layers import context_length
 from llmprune.structured import depth as D
 from llmprune.structured.attention import HeadPlan, plan_heads, run_attention
+from llmprune.structured.hidden import HiddenPlan, plan_hidden, run_hidden
+from llmprune.structured.search import SearchPlan, plan_search, run_search
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.osscar import mlp_width, osscar_prune
 from llmprune.structured.shrink import (
@@ -52,6 +54,8 @@ class StructuredPlan:
     k: int | None = None  # depth: layers removed
     n_layers: int = 0
     heads: HeadPlan | None = None  # osscar --target attention: kept heads in every layer
+    hidden: HiddenPlan | None = None  # hidden: the kept hidden size and the residual layout
+    search: SearchPlan | None = None  # search: every target's levels within the budget
 
 
 @dataclass
@@ -122,6 +126,13 @@ def plan_structured(model: nn.Module, options: StructuredOptions) -> StructuredP
         heads = plan_heads(model, layers, options.ratio, options.param_ratio, options.attention_unit,
                            count_params(model))
         return StructuredPlan("osscar", heads=heads, n_layers=len(layers))
+    if options.method == "search":
+        search = plan_search(model, options.param_ratio, options.targets, options.round_to, options.holdout,
+                             options.nsamples)
+        return StructuredPlan("search", search=search, n_layers=len(layers))
+    if options.method == "hidden":
+        hidden = plan_hidden(model, options.ratio, options.param_ratio, options.round_to, count_params(model))
+        return StructuredPlan("hidden", hidden=hidden, n_layers=len(layers))
     if options.method == "osscar":
         width, inter = _osscar_width(model, layers, options)
         return StructuredPlan("osscar", width=width, intermediate=inter, n_layers=len(layers))
@@ -168,6 +179,10 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     key = plan.method
     if plan.heads is not None:
         key, section = "attention", run_attention(model, ids, plan.heads, options, device, progress)
+    elif plan.search is not None:
+        section = run_search(model, ids, plan.search, options, device, progress)
+    elif plan.hidden is not None:
+        section = run_hidden(model, ids, plan.hidden, options, device, progress)
     elif plan.method == "osscar":
         section = run_osscar(model, ids, plan, options, device, progress)
     else:

@@ -52,17 +52,18 @@ class OSSCARResult:
     swaps: int = 0  # accepted local-search swaps
 
 
-def mlp_width(intermediate: int, ratio: float, round_to: int) -> int:
+def mlp_width(intermediate: int, ratio: float, round_to: int, what: str = "MLP channel") -> int:
     """Channels kept when removing ``ratio`` of ``intermediate``, rounded to a multiple of
-    ``round_to`` (nearest); raises if that keeps no channel or removes none."""
+    ``round_to`` (nearest); raises if that keeps no channel or removes none (``what``: the
+    channels' name in the message)."""
     if not 0 < ratio < 1:
-        raise LLMPruneError(f"ratio must be in (0, 1) (the share of MLP channels removed), got {ratio!r}")
+        raise LLMPruneError(f"ratio must be in (0, 1) (the share of {what}s removed), got {ratio!r}")
     width = round(intermediate * (1 - ratio) / round_to) * round_to
     if width <= 0:
-        raise LLMPruneError(f"ratio {ratio:g} leaves no MLP channel: {intermediate} x (1 − {ratio:g}) "
+        raise LLMPruneError(f"ratio {ratio:g} leaves no {what}: {intermediate} x (1 − {ratio:g}) "
                             f"rounds to 0 in multiples of {round_to}; lower --ratio or --round-to")
     if width >= intermediate:
-        raise LLMPruneError(f"ratio {ratio:g} removes no MLP channel: {intermediate} x (1 − {ratio:g}) "
+        raise LLMPruneError(f"ratio {ratio:g} removes no {what}: {intermediate} x (1 − {ratio:g}) "
                             f"rounds to {width} in multiples of {round_to}; raise --ratio or lower --round-to")
     return width
 
@@ -160,7 +161,7 @@ def structure_costs(Wc: torch.Tensor, Q: torch.Tensor, group: int, removed: torc
 
 
 def greedy_remove(W, P, n_remove: int, block: int = 1, trace: list[float] | None = None, group: int = 1,
-                  buckets: torch.Tensor | None = None) -> torch.Tensor:
+                  buckets: torch.Tensor | None = None, order: list[int] | None = None) -> torch.Tensor:
     """Boolean mask (over the rows of ``W``) of ``n_remove`` structures removed greedily by
     the OBS cost (OSSCAR's fast prune): after each block, ``Ŵ`` and ``Q = H'_SS⁻¹`` get the
     block's low-rank update.
@@ -173,6 +174,8 @@ def greedy_remove(W, P, n_remove: int, block: int = 1, trace: list[float] | None
 
     ``trace``: if given, E(R) as the updates track it is appended after each block (the sum of
     the blocks' exact costs ``tr(Ŵ_Bᵀ (Q_BB)⁻¹ Ŵ_B)``), for checking against a fresh re-fit.
+    ``order``: if given, the removed structures are appended in the order removed (without
+    buckets every prefix is the greedy removal of that many: one call serves every width).
     """
     problems = _problems(W, P)
     W0 = problems[0][0]
@@ -209,6 +212,8 @@ def greedy_remove(W, P, n_remove: int, block: int = 1, trace: list[float] | None
         if trace is not None:
             trace.append(E)
         removed[sel] = True
+        if order is not None:
+            order.extend(sel.tolist())
         if left is not None:
             left[buckets[sel]] -= 1
         done += m
