@@ -30,9 +30,9 @@ from llmprune.models.layers import context_length
 from llmprune.structured import depth as D
 from llmprune.structured.attention import HeadPlan, plan_heads, run_attention
 from llmprune.structured.hidden import HiddenPlan, plan_hidden, run_hidden
-from llmprune.structured.search import SearchPlan, plan_search, run_search
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.osscar import mlp_width, osscar_prune
+from llmprune.structured.search import SearchPlan, plan_search, run_search
 from llmprune.structured.shrink import (
     config_changes,
     drop_layers,
