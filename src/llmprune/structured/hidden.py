@@ -99,13 +99,17 @@ def plan_hidden(model: nn.Module, ratio: float | None, param_ratio: float | None
     parameters), rounded to ``round_to``; or one clear error (MoE, LayerNorm, unknown layout)."""
     layout = residual_layout(model)
     d = layout.hidden
-    if ratio is None:
-        per = channel_params(model, layout)
-        ratio = param_ratio * total_params / (per * d)
-        if ratio >= 1:
-            raise LLMPruneError(f"param_ratio {param_ratio:g} needs more than all {d} hidden channels "
-                                f"(at most {per * d / total_params:.3f})")
-    return HiddenPlan(layout, d, mlp_width(d, ratio, round_to, what="hidden channel"))
+    if ratio is not None:
+        return HiddenPlan(layout, d, mlp_width(d, ratio, round_to, what="hidden channel"))
+    per = channel_params(model, layout)
+    share = param_ratio * total_params / (per * d)
+    if share >= 1:
+        raise LLMPruneError(f"param_ratio {param_ratio:g} needs more than all {d} hidden channels "
+                            f"(at most {per * d / total_params:.3f})")
+    try:
+        return HiddenPlan(layout, d, mlp_width(d, share, round_to, what="hidden channel"))
+    except LLMPruneError as e:
+        raise LLMPruneError(f"param_ratio {param_ratio:g} is {share:.3g} of the hidden channels: {e}") from None
 
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -295,6 +299,8 @@ def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor, Cbb: t
 
 def rms_scale(share: NormStats, keep: torch.Tensor, d: int) -> float:
     """√(d(1 − f̄)/d'): the gain factor that undoes the mean RMS change of a norm's output."""
+    if keep.numel() == d:
+        return 1.0  # nothing removed: exactly nothing changes
     f = 1 - float(share.share[keep.to(share.share.device)].sum()) / share.tokens
     return math.sqrt(d * max(1 - f, 1e-12) / keep.numel())
 

@@ -197,6 +197,23 @@ class SearchPlan:
     targets: tuple[str, ...]
     shapes: Shapes
     levels: dict[str, list[Allocation]]  # per target, its levels alone (dense excluded)
+    allocations: list[Allocation]  # every combination that meets the budget (see allocations())
+
+
+def allocations(sh: Shapes, levels: dict[str, list[Allocation]], budget: float) -> list[Allocation]:
+    """Every combination of the targets' levels that removes at least ``budget`` of the
+    parameters and at most :data:`TOLERANCE` more than the closest such combination."""
+    total = sh.count(Allocation())
+    found = []
+    for choice in itertools.product(*[[None, *lv] for lv in levels.values()]):
+        a = Allocation(**{t: getattr(c, t) for t, c in zip(levels, choice, strict=True) if c is not None})
+        share = 1 - sh.count(a) / total
+        if share >= budget:
+            found.append((share, a))
+    if not found:
+        return []
+    least = min(s for s, _ in found)
+    return [a for s, a in found if s <= least + TOLERANCE]
 
 
 def _alone(target: str, amount) -> Allocation:
@@ -212,7 +229,6 @@ def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: i
                             f"(--nsamples {nsamples}); use fewer held-out windows or more samples")
     sh = shapes(model)  # errors name the missing MLP / attention / residual layout
     total = sh.count(Allocation())
-    limit = (budget + TOLERANCE) * total
     levels: dict[str, list[Allocation]] = {}
     for t in targets:
         if t == "mlp":
@@ -225,13 +241,16 @@ def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: i
             per = sh.heads // sh.kv
             cands = [_alone(t, ("heads", r)) for r in range(1, per)] if per > 1 else []
             cands += [_alone(t, ("groups", r)) for r in range(1, sh.kv)]
-        levels[t] = [a for a in cands if total - sh.count(a) <= limit]
-    best = Allocation(**{t: max(lv, key=lambda a: total - sh.count(a)).__dict__[t] for t, lv in levels.items() if lv})
-    if total - sh.count(best) < budget * total:
+        # a level alone may go past the budget by the tolerance; beyond, no allocation can use it
+        fits = [a for a in cands if 1 - sh.count(a) / total <= budget + TOLERANCE]
+        levels[t] = fits + [a for a in cands if a not in fits][:1]  # and the first past it
+    found = allocations(sh, levels, budget)
+    if not found:
+        best = Allocation(**{t: getattr(lv[-1], t) for t, lv in levels.items() if lv})
         raise LLMPruneError(f"param_ratio {budget:g} is more than --targets {','.join(targets)} can remove "
-                            f"together within the search's levels (at most "
-                            f"{(total - sh.count(best)) / total:.3f}); add targets or lower --param-ratio")
-    return SearchPlan(budget, tuple(targets), sh, levels)
+                            f"together within the search's levels (at most {1 - sh.count(best) / total:.3f}); "
+                            "add targets or lower --param-ratio")
+    return SearchPlan(budget, tuple(targets), sh, levels, found)
 
 
 # --- dense statistics and fast builds ------------------------------------------------------------
@@ -413,13 +432,8 @@ def run_search(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options,
         return _interpolate([p["removed_share"] for p in pts], [p["kl"] for p in pts], removed(_alone(t, getattr(a, t))))
 
     # allocations within the budget, ranked by the summed KL
-    options_per = [[None, *plan.levels[t]] for t in plan.targets]
-    combos = []
-    for choice in itertools.product(*options_per):
-        a = Allocation(**{t: getattr(c, t) for t, c in zip(plan.targets, choice, strict=True) if c is not None})
-        share = removed(a)
-        if plan.budget <= share <= plan.budget + TOLERANCE:
-            combos.append((sum(predicted(t, a) for t in plan.targets if getattr(a, t) not in (0, ("heads", 0))), a))
+    combos = [(sum(predicted(t, a) for t in plan.targets if getattr(a, t) not in (0, ("heads", 0))), a)
+              for a in plan.allocations]
     combos.sort(key=lambda c: (c[0], -sh.count(c[1])))
     t0 = time.perf_counter()
     candidates = []
