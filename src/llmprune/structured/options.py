@@ -45,13 +45,16 @@ class StructuredOptions(Recipe):
                            "window) | cosine (1 − cos of the block's input and output) | angular")
     compare_scores: bool = Field(False, strict=True, description="depth: also compute the ppl score of "
                                                                  "every window when ranking by a cheap one")
-    round_to: PositiveInt = Field(64, description="osscar: the kept width is a multiple of this")
-    greedy: bool = Field(True, strict=True, description="osscar: greedy removal by OBS costs (off: keep "
-                                                        "the channels with the largest ‖W‖·‖X‖)")
+    round_to: PositiveInt = Field(64, description="osscar / hidden / search: the kept width (MLP channels, "
+                                                  "hidden_size) is a multiple of this")
+    greedy: bool = Field(True, strict=True, description="osscar / hidden: greedy removal by OBS costs (off: "
+                                                        "keep the channels / heads with the largest ‖W‖·‖X‖; "
+                                                        "hidden: Minitron's activation importance)")
     local_search: bool = Field(True, strict=True, description="osscar: swap kept and removed channels "
                                                               "while the error drops")
-    refit: bool = Field(True, strict=True, description="osscar: least-squares re-fit of down_proj on the "
-                                                       "kept channels (off: keep its dense columns)")
+    refit: bool = Field(True, strict=True, description="osscar: least-squares re-fit of down_proj / o_proj on "
+                                                       "the kept channels / heads (off: keep its dense columns); "
+                                                       "hidden: of every reader (off: norm gains rescaled only)")
     dense_target: bool = Field(False, strict=True, description="osscar: fit each down_proj to the dense "
                                                                "model's output (the reference's fullseq; "
                                                                "one more forward per layer) instead of its own")
@@ -70,11 +73,8 @@ class StructuredOptions(Recipe):
                                            "subset of mlp,attention,hidden,depth)")
     holdout: PositiveInt = Field(4, description="search: calibration windows held out of the statistics to "
                                                 "score candidate allocations on (KL to the dense model)")
-    search_candidates: PositiveInt = Field(8, description="search: joint allocations built and scored after "
+    search_candidates: PositiveInt = Field(6, description="search: joint allocations built and scored after "
                                                           "the per-target sensitivity curves")
-    hidden_score: Literal["osscar", "minitron"] = Field(
-        "osscar", description="hidden: channel selection: osscar (greedy + local search on the readers' "
-                              "summed output error) | minitron (mean |RMSNorm output| summed over layers)")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")

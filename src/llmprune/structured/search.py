@@ -62,7 +62,7 @@ from llmprune.structured.shrink import drop_layers, set_intermediate_size, shrin
 XTX = frozenset({"xtx"})
 TOPK = 256
 TOLERANCE = 0.01  # an allocation may remove up to this share of all parameters more than asked
-MAX_LEVELS = 8  # levels scored alone per target (evenly spread; the others interpolated)
+MAX_LEVELS = 6  # levels scored alone per target (evenly spread; the others interpolated)
 
 
 # --- the loss ---------------------------------------------------------------------------------
