@@ -335,3 +335,53 @@ def mlp_triplet(layer: nn.Module) -> MLPTriplet:
     what = "several" if found else "no"
     raise LLMPruneError(f"{type(layer).__name__} has {what} recognised gated MLP: expected one module "
                         f"with {expected} (matching shapes); its linears are {', '.join(sorted(lins))}")
+
+
+# --- attention heads --------------------------------------------------------------------------
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """The attention of a layer for head pruning: query head ``h`` is rows
+    ``h·head_dim … (h+1)·head_dim`` of ``q`` and those columns of ``o``; it reads KV head
+    ``h // (heads / kv_heads)`` (rows of ``k`` and ``v``), as transformers' ``repeat_kv`` does."""
+
+    module: str  # the attention module, within the layer
+    q: str
+    k: str
+    v: str
+    o: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def per_group(self) -> int:
+        """Query heads per KV head."""
+        return self.heads // self.kv_heads
+
+
+def attention_heads(layer: nn.Module) -> AttentionHeads:
+    """q/k/v/o of the layer's self-attention and its head counts, or a clear error."""
+    found = []
+    for name, mod in layer.named_modules():
+        lins = [getattr(mod, n, None) for n in _ATTN]
+        if all(isinstance(lin, nn.Linear) for lin in lins):
+            found.append((name, mod, lins))
+    if len(found) != 1:
+        fused = [n for n, m in layer.named_modules() if n.endswith("qkv_proj") and isinstance(m, nn.Linear)]
+        hint = f" (a fused {fused[0]} is not supported)" if fused else ""
+        what = "several" if found else "no"
+        raise LLMPruneError(f"{type(layer).__name__} has {what} attention with separate "
+                            f"{' + '.join(_ATTN)}{hint}; head pruning needs exactly one")
+    name, mod, (q, k, _v, o) = found[0]
+    head_dim = getattr(mod, "head_dim", None)
+    if not isinstance(head_dim, int) or q.out_features % head_dim or k.out_features % head_dim:
+        raise LLMPruneError(f"{type(mod).__name__}: cannot tell its head_dim ({head_dim!r}) from "
+                            f"q_proj {q.out_features} / k_proj {k.out_features} outputs")
+    heads, kv = q.out_features // head_dim, k.out_features // head_dim
+    if heads % kv or o.in_features != q.out_features:
+        raise LLMPruneError(f"{type(mod).__name__}: {heads} query heads do not split evenly over {kv} KV heads")
+    p = f"{name}." if name else ""
+    return AttentionHeads(name, *(p + n for n in _ATTN), heads=heads, kv_heads=kv, head_dim=head_dim)

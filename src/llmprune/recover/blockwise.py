@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 from pydantic import Field
 
@@ -50,6 +51,7 @@ from llmprune.models.layers import decoder_layers, linear_layers
 from llmprune.models.loading import check_model_exists, input_paths, load_model
 from llmprune.options import NonNegativeInt, PositiveInt
 from llmprune.recover import distill
+from llmprune.recover.job import input_report
 from llmprune.report import format_blockwise
 
 
@@ -114,11 +116,14 @@ def calibrate(job: Job) -> None:
 
 
 def mask_of(job: Job) -> MaskSet:
-    """The mask kept exact: ``--masks``, else the input's recorded one."""
+    """The mask kept exact: ``--masks``, else the input's recorded one (none for a dense,
+    structured input: its exact zeros are no mask)."""
     config: BlockwiseConfig = job.config
     if config.masks:
         return MaskSet.load(config.masks, job.model)
     local = Path(config.model).expanduser()
+    if (input_report(config.model) or {}).get("dense"):  # a structured output: no mask, every weight tunes
+        return MaskSet({n: torch.ones_like(m) for n, m in MaskSet.from_model(job.model).items()})
     return MaskSet.of_output(local, job.model) if local.is_dir() else MaskSet.from_model(job.model)
 
 

@@ -29,8 +29,11 @@ from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
 from llmprune.models.layers import context_length
 from llmprune.structured import depth as D
+from llmprune.structured.attention import HeadPlan, plan_heads, run_attention
+from llmprune.structured.hidden import HiddenPlan, plan_hidden, run_hidden
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.osscar import mlp_width, osscar_prune
+from llmprune.structured.search import SearchPlan, plan_search, run_search
 from llmprune.structured.shrink import (
     config_changes,
     drop_layers,
@@ -51,6 +54,9 @@ class StructuredPlan:
     intermediate: int | None = None
     k: int | None = None  # depth: layers removed
     n_layers: int = 0
+    heads: HeadPlan | None = None  # osscar --target attention: kept heads in every layer
+    hidden: HiddenPlan | None = None  # hidden: the kept hidden size and the residual layout
+    search: SearchPlan | None = None  # search: every target's levels within the budget
 
 
 @dataclass
@@ -117,6 +123,22 @@ def plan_structured(model: nn.Module, options: StructuredOptions) -> StructuredP
     if ctx is not None and options.seqlen > ctx:
         raise LLMPruneError(f"seqlen {options.seqlen} is longer than the model's context ({ctx} tokens); "
                             f"use --seqlen ≤ {ctx}")
+    attention = options.method == "osscar" and options.target == "attention"
+    if BlockwiseOptions.pick(options).enabled and (attention or options.method not in ("osscar", "depth")):
+        what = "--target attention" if attention else f"--method {options.method}"
+        raise LLMPruneError(f"--reconstruct blockwise runs with --method osscar (MLP) and --method depth, not "
+                            f"{what}; tune the output afterwards with 'llmprune blockwise' or 'recover --mode distill'")
+    if attention:
+        heads = plan_heads(model, layers, options.ratio, options.param_ratio, options.attention_unit,
+                           count_params(model))
+        return StructuredPlan("osscar", heads=heads, n_layers=len(layers))
+    if options.method == "search":
+        search = plan_search(model, options.param_ratio, options.targets, options.round_to, options.holdout,
+                             options.nsamples)
+        return StructuredPlan("search", search=search, n_layers=len(layers))
+    if options.method == "hidden":
+        hidden = plan_hidden(model, options.ratio, options.param_ratio, options.round_to, count_params(model))
+        return StructuredPlan("hidden", hidden=hidden, n_layers=len(layers))
     if options.method == "osscar":
         width, inter = _osscar_width(model, layers, options)
         return StructuredPlan("osscar", width=width, intermediate=inter, n_layers=len(layers))
@@ -167,7 +189,14 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     calib_s = time.perf_counter() - t0
     params_before = count_params(model)
     t0 = time.perf_counter()
-    if plan.method == "osscar":
+    key = plan.method
+    if plan.heads is not None:
+        key, section = "attention", run_attention(model, ids, plan.heads, options, device, progress)
+    elif plan.search is not None:
+        section = run_search(model, ids, plan.search, options, device, progress)
+    elif plan.hidden is not None:
+        section = run_hidden(model, ids, plan.hidden, options, device, progress)
+    elif plan.method == "osscar":
         section = run_osscar(model, ids, plan, options, device, progress)
     else:
         section = run_depth(model, ids, plan, options, device, progress)
@@ -177,7 +206,7 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
         "options": options.model_dump(),
         "params": {"before": params_before, "after": params_after,
                    "removed_share": 1 - params_after / params_before},
-        plan.method: section,
+        key: section,
         "timings": {"calibrate_s": calib_s, "prune_s": time.perf_counter() - t0},
     }
     return StructuredResult(model, report)

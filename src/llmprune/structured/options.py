@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from llmprune.engine.blockwise import BlockwiseOptions
 from llmprune.options import (
+    CommaList,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveInt,
@@ -19,16 +20,25 @@ from llmprune.options import (
 
 UnitInterval = number(float, lambda v: 0 < v < 1, "in (0, 1)")
 ShrinkShare = number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+SEARCH_TARGETS = ("mlp", "attention", "hidden", "depth")
 
 
 class StructuredOptions(Recipe, BlockwiseOptions):
-    """OSSCAR MLP-width pruning or depth pruning of a whole model (optionally followed, layer by
-    layer, by block-wise reconstruction: ``reconstruct: blockwise``)."""
+    """OSSCAR MLP-width or attention-head pruning, depth, hidden-size pruning, or a budget search
+    (optionally followed, layer by layer, by block-wise reconstruction: ``reconstruct: blockwise``)."""
 
-    method: Literal["osscar", "depth"] = Field("osscar", description="osscar: remove MLP channels | "
-                                                                      "depth: remove consecutive layers")
+    method: Literal["osscar", "depth", "hidden", "search"] = Field(
+        "osscar", description="osscar: remove MLP channels or attention heads (--target) | depth: remove "
+                              "consecutive layers | hidden: remove residual-stream channels (hidden_size) | "
+                              "search: split a --param-ratio budget over --targets")
+    target: Literal["mlp", "attention"] = Field("mlp", description="osscar: what to remove: MLP channels or "
+                                                                   "attention heads")
+    attention_unit: Literal["heads", "groups"] = Field(
+        "heads", description="osscar --target attention: remove query heads evenly within every KV group "
+                             "(heads) or whole KV groups with their k/v heads (groups)")
     ratio: UnitInterval | None = Field(None, description="osscar: share of each MLP's intermediate channels "
-                                                         "removed, in (0, 1)")
+                                                         "(--target attention: of its query heads) removed; "
+                                                         "hidden: share of hidden_size; in (0, 1)")
     param_ratio: UnitInterval | None = Field(None, description="share of all model parameters removed, in "
                                                                "(0, 1) (instead of --ratio / --layers)")
     layers: PositiveInt | None = Field(None, description="depth: number k of consecutive layers removed")
@@ -37,13 +47,16 @@ class StructuredOptions(Recipe, BlockwiseOptions):
                            "window) | cosine (1 − cos of the block's input and output) | angular")
     compare_scores: bool = Field(False, strict=True, description="depth: also compute the ppl score of "
                                                                  "every window when ranking by a cheap one")
-    round_to: PositiveInt = Field(64, description="osscar: the kept width is a multiple of this")
-    greedy: bool = Field(True, strict=True, description="osscar: greedy removal by OBS costs (off: keep "
-                                                        "the channels with the largest ‖W‖·‖X‖)")
+    round_to: PositiveInt = Field(64, description="osscar / hidden / search: the kept width (MLP channels, "
+                                                  "hidden_size) is a multiple of this")
+    greedy: bool = Field(True, strict=True, description="osscar / hidden: greedy removal by OBS costs (off: "
+                                                        "keep the channels / heads with the largest ‖W‖·‖X‖; "
+                                                        "hidden: Minitron's activation importance)")
     local_search: bool = Field(True, strict=True, description="osscar: swap kept and removed channels "
                                                               "while the error drops")
-    refit: bool = Field(True, strict=True, description="osscar: least-squares re-fit of down_proj on the "
-                                                       "kept channels (off: keep its dense columns)")
+    refit: bool = Field(True, strict=True, description="osscar: least-squares re-fit of down_proj / o_proj on "
+                                                       "the kept channels / heads (off: keep its dense columns); "
+                                                       "hidden: of every reader (off: norm gains rescaled only)")
     dense_target: bool = Field(False, strict=True, description="osscar: fit each down_proj to the dense "
                                                                "model's output (the reference's fullseq; "
                                                                "one more forward per layer) instead of its own")
@@ -57,6 +70,13 @@ class StructuredOptions(Recipe, BlockwiseOptions):
                                                  "before greedy / local search / re-fit (discounts channel "
                                                  "correlations over-estimated on few calibration tokens; 0 = "
                                                  "plain XᵀX as in the paper)")
+    targets: CommaList = Field(["mlp", "attention", "hidden", "depth"],
+                               description="search: the targets the budget is split over (comma-separated "
+                                           "subset of mlp,attention,hidden,depth)")
+    holdout: PositiveInt = Field(4, description="search: calibration windows held out of the statistics to "
+                                                "score candidate allocations on (KL to the dense model)")
+    search_candidates: PositiveInt = Field(6, description="search: joint allocations built and scored after "
+                                                          "the per-target sensitivity curves")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
@@ -64,7 +84,18 @@ class StructuredOptions(Recipe, BlockwiseOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> StructuredOptions:
-        if self.method == "osscar":
+        unknown = [t for t in self.targets if t not in SEARCH_TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"--targets must be a comma-separated subset of {','.join(SEARCH_TARGETS)}, "
+                             f"got {','.join(self.targets) or 'nothing'}")
+        if self.method == "search":
+            for wrong in ("ratio", "layers"):
+                if getattr(self, wrong) is not None:
+                    raise ValueError(f"--{wrong} does not apply to --method search; give --param-ratio (the budget)")
+            if self.param_ratio is None:
+                raise ValueError("--method search needs --param-ratio (the share of all parameters to remove)")
+            return self
+        if self.method in ("osscar", "hidden"):
             size, wrong = "ratio", "layers"
         else:
             size, wrong = "layers", "ratio"

@@ -1,0 +1,247 @@
+"""Hidden-size pruning: the residual layout asked of the model, shrinking on Llama / Mistral /
+Qwen2 / Qwen3 / Gemma2 shapes (tied and untied embeddings), exact identity when nothing goes,
+re-fit vs slicing, generation with the KV cache, plain-transformers reloads of every new
+output (attention heads, hidden, search) in a fresh process, and the bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import family_model, tiny_model
+
+from llmprune.errors import LLMPruneError
+from llmprune.export.save import save_pruned
+from llmprune.models.adapter import decoder_layers
+from llmprune.models.residual import residual_layout
+from llmprune.structured import structured
+from llmprune.structured.hidden import HiddenPlan, channel_params, run_hidden
+from llmprune.structured.options import StructuredOptions
+
+NS, SL = 8, 32
+FAMILIES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "gemma2"]
+
+
+def calib(n: int = NS, seqlen: int = SL, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 512, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def model_of(name: str, layers: int = 2, seed: int = 0):
+    if name in ("llama", "mistral", "qwen2"):
+        return tiny_model(name, layers=layers, seed=seed)
+    if name == "llama_tied":
+        model = tiny_model("llama", layers=layers, seed=seed)
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+    return family_model(name, layers=layers, seed=seed)
+
+
+def greedy_decode(model, prompt, steps: int = 6):
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+# --- the layout -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "mlp_read", "writer_norms", "scale", "tied"), [
+    ("llama", "post_attention_layernorm", False, 1.0, False),
+    ("llama_tied", "post_attention_layernorm", False, 1.0, True),
+    ("qwen3", "post_attention_layernorm", False, 1.0, True),
+    ("gemma2", "pre_feedforward_layernorm", True, 8.0, True),
+    ("gemma3_text", "pre_feedforward_layernorm", True, 8.0, True),
+])
+def test_residual_layout_is_asked_of_the_model(name, mlp_read, writer_norms, scale, tied):
+    lay = residual_layout(model_of(name))
+    assert [r.norm for r in lay.reads] == ["input_layernorm", mlp_read]
+    assert lay.reads[0].consumers == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    assert lay.reads[1].consumers == ("mlp.gate_proj", "mlp.up_proj")
+    assert [w.linear for w in lay.writers] == ["self_attn.o_proj", "mlp.down_proj"]
+    assert all((w.norm is not None) == writer_norms for w in lay.writers)
+    assert lay.reads[0].offset == (1.0 if name.startswith("gemma") else 0.0)  # Gemma's norm is (1 + w)
+    assert lay.embed_scale == pytest.approx(scale) and lay.tied == tied
+    assert lay.final.norm == "model.norm" and lay.final.consumers == ("lm_head",)
+
+
+@pytest.mark.parametrize(("name", "msg"), [
+    ("gpt_neox", "needs RMSNorm; input_layernorm \\(LayerNorm\\) has a bias"),
+    ("mixtral", "mixture-of-experts models is not supported"),
+    ("opt", "not a multiple of the embedding"),
+])
+def test_unsupported_layouts_are_one_clear_error(name, msg):
+    with pytest.raises(LLMPruneError, match=msg):
+        residual_layout(family_model(name, layers=2))
+
+
+# --- whole models ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hidden_on_every_family(name):
+    model = model_of(name)
+    lay = residual_layout(model)
+    per = channel_params(model, lay)
+    before = sum(p.numel() for p in model.parameters())
+    ids = calib()
+    r = structured(model, ids=ids, method="hidden", ratio=0.25, round_to=8, nsamples=NS, seqlen=SL, progress=False)
+    rep = r.report["hidden"]
+    assert model.config.hidden_size == 48 and model.config.head_dim == 16
+    assert len(rep["removed"]) == 16 and rep["hidden_size"] == {"before": 64, "after": 48}
+    assert before - r.report["params"]["after"] == 16 * per  # every parameter of a channel goes with it
+    emb = model.get_input_embeddings()
+    assert emb.weight.shape == (512, 48) and (model.lm_head.weight is emb.weight) == lay.tied
+    for layer in decoder_layers(model):  # nothing of the old width is left
+        for read in lay.reads:
+            assert layer.get_submodule(read.norm).weight.shape == (48,)
+            assert all(layer.get_submodule(c).in_features == 48 for c in read.consumers)
+        for w in lay.writers:
+            assert layer.get_submodule(w.linear).weight.shape[0] == 48
+            assert w.norm is None or layer.get_submodule(w.norm).weight.shape == (48,)
+    for entry in rep["layers"]:
+        for e in entry["reads"].values():
+            assert 0 <= e["recon_error"] <= e["recon_error_sliced"] + 1e-6 and 0 < e["removed_energy"] < 1
+    assert rep["objective"]["local_search"] <= rep["objective"]["greedy"]
+    assert torch.isfinite(model(ids[:2]).logits).all()
+    json.dumps(r.report)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_keeping_every_channel_changes_nothing(name):
+    model = model_of(name)
+    ids = calib()
+    ref = model(ids[:2]).logits
+    lay = residual_layout(model)
+    opts = StructuredOptions(method="hidden", ratio=0.5, nsamples=NS, seqlen=SL)
+    run_hidden(model, ids, HiddenPlan(lay, 64, 64), opts.replace(refit=False, greedy=False, local_search=False),
+               progress=False)
+    torch.testing.assert_close(model(ids[:2]).logits, ref, rtol=0, atol=0)
+    run_hidden(model, ids, HiddenPlan(lay, 64, 64), opts.replace(local_search=False), progress=False)
+    torch.testing.assert_close(model(ids[:2]).logits, ref, rtol=1e-4, atol=1e-4)  # the fit of what is there
+
+
+def test_refit_beats_slicing_and_the_rms_scale():
+    """With shrink 0 the re-fit is least squares (ridge toward the sliced weights): never worse
+    than slicing on the calibration tokens; end to end the model is closer to the dense one."""
+    ids = calib(16)
+    dense = model_of("llama", seed=3)
+    out = {}
+    for refit in (True, False):
+        model = copy.deepcopy(dense)
+        rep = structured(model, ids=ids, method="hidden", ratio=0.25, round_to=8, nsamples=16, seqlen=SL,
+                         shrink=0.0, refit=refit, progress=False).report["hidden"]
+        with torch.no_grad():
+            out[refit] = float((model(ids).logits - dense(ids).logits).pow(2).mean())
+        if refit:
+            for entry in rep["layers"]:
+                for e in entry["reads"].values():
+                    assert e["recon_error"] < e["recon_error_sliced"]
+    assert out[True] < out[False]
+
+
+def test_greedy_beats_minitron_on_its_objective():
+    ids = calib()
+    objs = {}
+    for greedy in (True, False):
+        rep = structured(model_of("qwen2"), ids=ids, method="hidden", ratio=0.25, round_to=8, nsamples=NS,
+                         seqlen=SL, greedy=greedy, local_search=greedy, progress=False).report["hidden"]
+        objs[greedy] = rep["mean_recon_error"]
+    assert objs[True] < objs[False]
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "gemma2", "qwen3"])
+def test_kv_cache_generation_equals_no_cache_decode(name):
+    model = model_of(name)
+    ids = calib()
+    structured(model, ids=ids, method="hidden", ratio=0.25, round_to=8, nsamples=NS, seqlen=SL, progress=False)
+    prompt = ids[:1, :6]
+    cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0,
+                            eos_token_id=None)
+    assert torch.equal(cached, greedy_decode(model, prompt))
+
+
+# --- saved models in plain transformers, fresh process ---------------------------------------------
+RELOAD = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    from transformers import AutoModelForCausalLM
+    assert "llmprune" not in sys.modules
+    out = {}
+    for d in sys.argv[1:]:
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        ids = torch.from_numpy(np.load(d + "/ids.npy", allow_pickle=False))
+        with torch.no_grad():
+            np.save(d + "/logits.npy", m(ids).logits.numpy())
+            gen = m.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True,
+                             pad_token_id=0, eos_token_id=None)
+        c = m.config
+        out[d] = {"generated": gen.tolist(), "hidden": c.hidden_size, "heads": c.num_attention_heads,
+                  "kv": c.num_key_value_heads, "layers": c.num_hidden_layers, "inter": c.intermediate_size}
+    print(json.dumps(out))
+""")
+
+
+def test_saved_models_reload_in_plain_transformers(tmp_path):
+    ids = calib(10)
+    cases = {
+        "attention_gemma2": (model_of("gemma2"), dict(target="attention", ratio=0.5, attention_unit="groups")),
+        "attention_qwen2": (model_of("qwen2"), dict(target="attention", ratio=0.5)),
+        "hidden_llama_tied": (model_of("llama_tied"), dict(method="hidden", ratio=0.25, round_to=8)),
+        "hidden_gemma2": (model_of("gemma2"), dict(method="hidden", ratio=0.25, round_to=8)),
+        "hidden_qwen2": (model_of("qwen2"), dict(method="hidden", ratio=0.25, round_to=8)),
+        "search_llama": (model_of("llama", layers=3), dict(method="search", param_ratio=0.3, round_to=32,
+                                                          holdout=2, search_candidates=2)),
+    }
+    dirs = []
+    for name, (model, opts) in cases.items():
+        r = structured(model, ids=ids, nsamples=10, seqlen=SL, progress=False, **opts)
+        d = tmp_path / name
+        save_pruned(model, None, d, r.report)
+        np.save(d / "ids.npy", ids[:2].numpy())
+        dirs.append(str(d))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (name, (model, _)), d in zip(cases.items(), dirs, strict=True):
+        with torch.no_grad():
+            ref = model(ids[:2]).logits.numpy()
+            gen = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0,
+                                 eos_token_id=None)
+        np.testing.assert_allclose(np.load(f"{d}/logits.npy", allow_pickle=False), ref, rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+        assert out[d]["generated"] == gen.tolist(), name
+        c = model.config
+        assert (out[d]["hidden"], out[d]["heads"], out[d]["kv"], out[d]["layers"], out[d]["inter"]) == (
+            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers, c.intermediate_size)
+    assert out[dirs[2]]["hidden"] == 48 and out[dirs[0]]["kv"] == 1
+
+
+# --- bad input --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "opts", "msg"), [
+    ("llama", dict(ratio=0.01, round_to=8), "removes no hidden channel"),
+    ("llama", dict(ratio=0.99, round_to=8), "leaves no hidden channel"),
+    ("llama", dict(param_ratio=0.99, round_to=8), "param_ratio 0.99 is 0.99 of the hidden channels: .*leaves no"),
+    ("llama", dict(param_ratio=0.001, round_to=8), "param_ratio 0.001 is 0.001 of the hidden channels: .*removes no"),
+    ("mixtral", dict(ratio=0.25, round_to=8), "mixture-of-experts"),
+    ("gpt_neox", dict(ratio=0.25, round_to=8), "needs RMSNorm"),
+    ("llama", dict(ratio=0.25, layers=2), "--layers does not apply to --method hidden"),
+])
+def test_bad_input_is_one_clear_error_before_any_work(name, opts, msg, monkeypatch):
+    model = model_of(name) if name in FAMILIES else family_model(name, layers=2)
+    snapshot = [t.clone() for t in model.state_dict().values()]
+
+    def no_data(*_a, **_k):
+        raise AssertionError("calibration data was read before the input was checked")
+
+    monkeypatch.setattr("llmprune.structured.api.load_corpus", no_data)
+    with pytest.raises(LLMPruneError, match=msg):
+        structured(model, tokenizer=None, config={"seqlen": SL, "method": "hidden", **opts}, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snapshot, strict=True))
