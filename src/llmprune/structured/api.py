@@ -1,5 +1,5 @@
-"""``structured(model, tokenizer, config)``: OSSCAR width pruning or depth pruning of a loaded
-model, in place, with a report.
+"""``structured(model, tokenizer, config)``: OSSCAR width pruning, depth pruning or MoE expert
+removal (:mod:`llmprune.structured.experts`) of a loaded model, in place, with a report.
 
 Every check that needs only the options and the model (ratios, the MLP modules, the width
 after rounding, k against the layer count, the context length) runs before any calibration
@@ -28,6 +28,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
 from llmprune.models.layers import context_length
 from llmprune.structured import depth as D
+from llmprune.structured.experts import ExpertsPlan, plan_experts, run_experts
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.osscar import mlp_width, osscar_prune
 from llmprune.structured.shrink import (
@@ -50,6 +51,7 @@ class StructuredPlan:
     intermediate: int | None = None
     k: int | None = None  # depth: layers removed
     n_layers: int = 0
+    experts: ExpertsPlan | None = None  # experts: the count removed per MoE layer
 
 
 @dataclass
@@ -119,6 +121,9 @@ def plan_structured(model: nn.Module, options: StructuredOptions) -> StructuredP
     if options.method == "osscar":
         width, inter = _osscar_width(model, layers, options)
         return StructuredPlan("osscar", width=width, intermediate=inter, n_layers=len(layers))
+    if options.method == "experts":
+        experts = plan_experts(model, options.ratio, options.param_ratio, count_params(model))
+        return StructuredPlan("experts", n_layers=len(layers), experts=experts)
     return StructuredPlan("depth", k=_depth_k(model, layers, options), n_layers=len(layers))
 
 
@@ -161,6 +166,8 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     t0 = time.perf_counter()
     if plan.method == "osscar":
         section = run_osscar(model, ids, plan, options, device, progress)
+    elif plan.method == "experts":
+        section = run_experts(model, ids, plan.experts, options.expert_score, options.seed, device, progress)
     else:
         section = run_depth(model, ids, plan, options, device, progress)
     params_after = count_params(model)

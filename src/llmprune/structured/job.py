@@ -20,6 +20,7 @@ from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
 from llmprune.export.save import save_pruned
 from llmprune.pipeline import Job, check_run, evaluate_stage, job_inputs, load, report, run_stages
+from llmprune.structured import experts
 from llmprune.structured.api import StructuredResult, plan_structured, structured
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.speed import measure_speed
@@ -39,6 +40,8 @@ def validate(job: Job) -> None:
         job.data_files = [config.calib]
         job.corpus = load_corpus(config.calib, "train")  # decoded before the model loads
     check_run(job)
+    if config.method == "experts" and isinstance(job.model, str):  # a dense model: before it loads
+        experts.check_source(config.model, config.ratio, config.trust_remote_code)
 
 
 def plan(job: Job) -> None:

@@ -21,12 +21,14 @@ ShrinkShare = number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 class StructuredOptions(Recipe):
-    """OSSCAR MLP-width pruning or depth pruning of a whole model."""
+    """OSSCAR MLP-width pruning, depth pruning or MoE expert removal of a whole model."""
 
-    method: Literal["osscar", "depth"] = Field("osscar", description="osscar: remove MLP channels | "
-                                                                      "depth: remove consecutive layers")
+    method: Literal["osscar", "depth", "experts"] = Field(
+        "osscar", description="osscar: remove MLP channels | depth: remove consecutive layers | experts: remove "
+                              "routed experts of every MoE layer")
     ratio: UnitInterval | None = Field(None, description="osscar: share of each MLP's intermediate channels "
-                                                         "removed, in (0, 1)")
+                                                         "removed | experts: share of each MoE layer's routed "
+                                                         "experts removed; in (0, 1)")
     param_ratio: UnitInterval | None = Field(None, description="share of all model parameters removed, in "
                                                                "(0, 1) (instead of --ratio / --layers)")
     layers: PositiveInt | None = Field(None, description="depth: number k of consecutive layers removed")
@@ -55,6 +57,9 @@ class StructuredOptions(Recipe):
                                                  "before greedy / local search / re-fit (discounts channel "
                                                  "correlations over-estimated on few calibration tokens; 0 = "
                                                  "plain XᵀX as in the paper)")
+    expert_score: Literal["reap", "frequency", "random"] = Field(
+        "reap", description="experts: which experts go: reap (least mean gate weight x expert output norm over "
+                            "the tokens routed to it) | frequency (fewest tokens routed) | random (seeded)")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
@@ -62,7 +67,7 @@ class StructuredOptions(Recipe):
 
     @model_validator(mode="after")
     def _consistent(self) -> StructuredOptions:
-        if self.method == "osscar":
+        if self.method in ("osscar", "experts"):
             size, wrong = "ratio", "layers"
         else:
             size, wrong = "layers", "ratio"
