@@ -167,7 +167,8 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     if plan.method == "osscar":
         section = run_osscar(model, ids, plan, options, device, progress)
     elif plan.method == "experts":
-        section = run_experts(model, ids, plan.experts, options.expert_score, options.seed, device, progress)
+        section = run_experts(model, ids, plan.experts, options.expert_score, options.seed, device, progress,
+                              options.expert_candidates)
     else:
         section = run_depth(model, ids, plan, options, device, progress)
     params_after = count_params(model)

@@ -30,6 +30,8 @@ experts removed, its new outputs fed to the next layer.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,12 +293,74 @@ def set_num_experts(model: nn.Module, moe: MoEConfig, kept: int) -> None:
         raise RuntimeError(f"config.{moe.key} did not take the new expert count {kept}")
 
 
+# --- greedy selection by the block's output error ---------------------------------------------
+@contextmanager
+def routed_to(mb: MoEBlock, keep: torch.Tensor) -> Iterator[None]:
+    """Inside the block, ``mb`` routes as if only the experts ``keep`` were left: the router's
+    rows (and biases) are sliced, so its softmax / top-k / renormalisation run over the kept
+    experts exactly as in the shrunk model, and a pre-hook maps the router's kept-expert
+    indices back to the experts' own. The expert tensors are not copied."""
+    n = mb.num_experts
+    saved = {**dict(mb.router.named_parameters(recurse=False)), **dict(mb.router.named_buffers(recurse=False))}
+    counts = {a: getattr(mb.router, a) for a in ("num_experts", "num_local_experts", "out_features")
+              if hasattr(mb.router, a)}
+    _slice_experts(mb.router, n, keep)
+    back = keep.to(mb.experts.down_proj.device)
+
+    def remap(_module, args):
+        return (args[0], back[args[1]], *args[2:])
+
+    handle = mb.block.experts.register_forward_pre_hook(remap)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for name, t in saved.items():
+            if isinstance(t, nn.Parameter):
+                setattr(mb.router, name, t)
+            else:
+                mb.router._buffers[name] = t
+        for a, v in counts.items():
+            setattr(mb.router, a, v)
+
+
+def block_output(mb: MoEBlock, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The block's output for each captured input batch ``(rows, seq, hidden)``."""
+    return [mb.block(x) for x in xs]
+
+
+def output_error(mb: MoEBlock, xs: list[torch.Tensor], ys: list[torch.Tensor], keep: torch.Tensor) -> float:
+    """‖Y − Ŷ‖² over the calibration tokens, Ŷ the block's output with only ``keep`` routed."""
+    with routed_to(mb, keep):
+        return sum(float((y - yhat).double().pow(2).sum()) for y, yhat in zip(ys, block_output(mb, xs), strict=True))
+
+
+def greedy_output_removal(mb: MoEBlock, xs: list[torch.Tensor], removed: int, salience: torch.Tensor,
+                          candidates: int) -> tuple[torch.Tensor, list[float]]:
+    """Remove ``removed`` experts one at a time, each time the one whose removal (with every
+    token re-routed among the experts left) changes the block's output least; the
+    ``candidates`` least salient experts left (by ``salience``, REAP's) are tried at each step.
+    Returns the kept experts and the relative output error after each step."""
+    ys = block_output(mb, xs)
+    total = sum(float(y.double().pow(2).sum()) for y in ys)
+    keep = list(range(mb.num_experts))
+    errors = []
+    for _ in range(removed):
+        tried = sorted(keep, key=lambda e: (float(salience[e]), e))[:candidates]
+        errs = {j: output_error(mb, xs, ys, torch.tensor([e for e in keep if e != j])) for j in tried}
+        j = min(errs, key=lambda e: (errs[e], e))
+        keep.remove(j)
+        errors.append(errs[j] / total)
+    return torch.tensor(keep), errors
+
+
 # --- the walk ---------------------------------------------------------------------------------
 @torch.no_grad()
 def run_experts(model: nn.Module, ids: torch.Tensor, plan: ExpertsPlan, score: str, seed: int = 0,
-                device: str | torch.device = "cpu", progress: bool = True) -> dict:
+                device: str | torch.device = "cpu", progress: bool = True, candidates: int = 16) -> dict:
     """Remove ``plan.removed`` experts from every MoE layer, layer by layer; the report's
-    ``experts`` part."""
+    ``experts`` part. Every layer's entry has the relative output error ‖Y − Ŷ‖² / ‖Y‖² of its
+    MoE block on the calibration tokens (Y with every expert, Ŷ with the kept ones)."""
     walk = LayerWalk(model, ids, device, f"experts ({score})", progress)
     entries = []
     for i, layer in walk:
@@ -305,23 +369,35 @@ def run_experts(model: nn.Module, ids: torch.Tensor, plan: ExpertsPlan, score: s
             continue  # a dense layer (e.g. mlp_only_layers): the walk just feeds it forward
         t0 = time.perf_counter()
         stats = [RoutingStats(mb) for mb in blocks]
+        inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
+        hooks = [mb.block.register_forward_pre_hook(lambda _m, a, xs=xs: xs.append(a[0]))
+                 for mb, xs in zip(blocks, inputs, strict=True)]
         try:
             walk.collect(layer, NO_STATS)  # the dense layer's forward; the walk then re-runs the pruned one
         finally:
-            for s in stats:
-                s.remove()
-        for mb, s in zip(blocks, stats, strict=True):
-            keep = keep_experts(expert_scores(s, score, seed + i), plan.kept)
-            index, weight = s.routing()
+            for h in [*stats, *hooks]:
+                h.remove()
+        for mb, s, xs in zip(blocks, stats, inputs, strict=True):
             saliency = expert_scores(s, "reap")
+            steps = None
+            if score == "output":
+                keep, steps = greedy_output_removal(mb, xs, plan.removed, saliency, candidates)
+            else:
+                keep = keep_experts(expert_scores(s, score, seed + i), plan.kept)
+            ys = block_output(mb, xs)
+            error = output_error(mb, xs, ys, keep) / sum(float(y.double().pow(2).sum()) for y in ys)
+            del ys, xs[:]
+            index, weight = s.routing()
             remove_experts(mb, keep)
             removed = sorted(set(range(mb.num_experts)) - set(keep.tolist()))
             entries.append({"index": i, "block": mb.name, "removed": removed, "kept": keep.tolist(),
+                            "output_error": error, **({"greedy_errors": steps} if steps else {}),
                             "tokens": int(index.shape[0]), "tokens_routed": s.count.long().tolist(),
                             "reap": saliency.tolist(), "gate_sum": s.gate_sum.tolist(),
                             **removal_effect(index, weight, keep), "seconds": time.perf_counter() - t0})
     set_num_experts(model, plan.moe, plan.kept)
-    mean = {k: sum(e[k] for e in entries) / len(entries) for k in ("rerouted_share", "routed_weight_kept")}
+    mean = {k: sum(e[k] for e in entries) / len(entries)
+            for k in ("output_error", "rerouted_share", "routed_weight_kept")}
     return {"score": score, "config_key": plan.moe.key,
             "num_experts": {"before": plan.moe.num_experts, "after": plan.kept},
             "top_k": plan.moe.top_k, "norm_topk_prob": plan.moe.norm_topk_prob,

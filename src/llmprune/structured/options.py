@@ -57,9 +57,12 @@ class StructuredOptions(Recipe):
                                                  "before greedy / local search / re-fit (discounts channel "
                                                  "correlations over-estimated on few calibration tokens; 0 = "
                                                  "plain XᵀX as in the paper)")
-    expert_score: Literal["reap", "frequency", "random"] = Field(
+    expert_score: Literal["reap", "output", "frequency", "random"] = Field(
         "reap", description="experts: which experts go: reap (least mean gate weight x expert output norm over "
-                            "the tokens routed to it) | frequency (fewest tokens routed) | random (seeded)")
+                            "the tokens routed to it) | output (greedy: least change of the MoE block's output, "
+                            "tokens re-routed) | frequency (fewest tokens routed) | random (seeded)")
+    expert_candidates: PositiveInt = Field(16, description="experts, output: experts tried per greedy step (the "
+                                                           "least salient by REAP)")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
