@@ -26,10 +26,10 @@ from llmprune.structured import experts as X
 from llmprune.structured import structured
 
 NS, SL = 6, 32
-# conftest.family_config's tiny base, as Qwen3-MoE
-QWEN3_MOE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16,
-                 num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, tie_word_embeddings=False)
+# conftest.family_config's tiny base
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+QWEN3_MOE = dict(TINY, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
 
 def calib(n: int = NS, seqlen: int = SL, seed: int = 0) -> torch.Tensor:
@@ -274,8 +274,8 @@ def test_reap_and_output_beat_random_removal_on_calibration_loss():
 
     reap, reap_err = loss("reap")
     output, output_err = loss("output")
-    randoms = [loss("random", s) for s in range(6)]
-    # measured: reap 0.112, output 0.090, random 0.117 … 0.173 (mean 0.142)
+    randoms = [loss("random", s) for s in range(4)]
+    # measured: reap 0.112, output 0.090, random 0.117, 0.147, 0.139, 0.156
     assert reap < min(kl for kl, _ in randoms), (reap, randoms)
     assert output < reap
     # the greedy minimises the block's output error: lower than any other choice made here
@@ -395,3 +395,43 @@ def test_cli_bad_input_is_one_line_before_the_model_loads(moe_dir, tiny_dirs, tm
     err = capsys.readouterr().err
     assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+# --- more families --------------------------------------------------------------------------------
+OTHER_FAMILIES = {
+    "olmoe": dict(num_experts=6, num_experts_per_tok=2),
+    "phimoe": dict(num_local_experts=6, num_experts_per_tok=2),
+    "granitemoe": dict(num_local_experts=6, num_experts_per_tok=2),
+    # router and expert biases, a block returning (hidden, router scores), transposed interleaved experts
+    "gpt_oss": dict(num_local_experts=6, num_experts_per_tok=2, head_dim=16, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"]),
+    # sigmoid router with a score-correction bias buffer, shared experts; layer 0 dense in DeepSeek-V2
+    "glm4_moe": dict(n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0,
+                     n_group=1, topk_group=1, head_dim=16),
+    "deepseek_v2": dict(n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16),
+    # the router's (1, experts) score-correction parameter sits in a submodule
+    "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2),
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_FAMILIES))
+def test_other_families_shrink_and_reload(family, tmp_path):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **TINY, num_hidden_layers=2, **OTHER_FAMILIES[family])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    model.config.use_cache = False
+    ids = calib()
+    report = prune(model, score="output", ratio=0.34, ids=ids)
+    ex = report["experts"]
+    assert ex["num_experts"] == {"before": 6, "after": 4} and 0 < ex["mean_output_error"] < 1
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert getattr(again.config, ex["config_key"]) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)

@@ -119,9 +119,8 @@ def check_source(name_or_path: str, ratio: float | None, trust_remote_code: bool
 def expert_params(mb: MoEBlock) -> int:
     """Parameters one expert owns in ``mb``: its slices of the fused tensors and its router row(s)."""
     n = mb.num_experts
-    return sum(t.numel() // n for mod in (mb.experts, mb.router)
-               for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False))
-               if t.dim() >= 1 and t.shape[0] == n)
+    return sum(t.numel() // n for mod, nested in ((mb.experts, False), (mb.router, True))
+               for _, _, t, _ in _expert_tensors(mod, n, nested))
 
 
 @dataclass
@@ -251,17 +250,34 @@ def removal_effect(index: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
 
 
 # --- shrink -----------------------------------------------------------------------------------
-def _slice_experts(mod: nn.Module, n: int, keep: torch.Tensor) -> None:
-    """Keep entries ``keep`` of every parameter / buffer of ``mod`` with ``n`` experts first."""
-    for name, p in list(mod.named_parameters(recurse=False)):
-        if p.dim() >= 1 and p.shape[0] == n:
-            setattr(mod, name, nn.Parameter(p.data[keep.to(p.device)].contiguous(), requires_grad=p.requires_grad))
-    for name, b in list(mod.named_buffers(recurse=False)):
-        if b.dim() >= 1 and b.shape[0] == n:
-            mod._buffers[name] = b[keep.to(b.device)].contiguous()
-    for attr in ("num_experts", "num_local_experts", "out_features"):  # the modules' own counts
-        if getattr(mod, attr, None) == n and _int(getattr(mod, attr)):
-            setattr(mod, attr, len(keep))
+def _expert_tensors(mod: nn.Module, n: int, nested: bool) -> Iterator[tuple[nn.Module, str, torch.Tensor, int]]:
+    """``(owner, name, tensor, dim)`` for every parameter / buffer of ``mod`` indexed by expert:
+    the experts' fused tensors along their first dimension; in a router (``nested``: its
+    submodules too, e.g. Ernie's score-correction statistics) the first dimension of size ``n``
+    (router weight rows, bias, a ``(1, n)`` correction bias)."""
+    for _, owner in (mod.named_modules() if nested else [("", mod)]):
+        for name, t in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
+            dims = [d for d, size in enumerate(t.shape) if size == n][:1] if nested else [0] * (t.dim() >= 1)
+            if dims and t.shape[dims[0]] == n:
+                yield owner, name, t, dims[0]
+
+
+def _set_tensor(owner: nn.Module, name: str, t: torch.Tensor) -> None:
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        owner._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[name] = t
+
+
+def _slice_experts(mod: nn.Module, n: int, keep: torch.Tensor, nested: bool) -> None:
+    """Keep entries ``keep`` of every tensor of ``mod`` indexed by expert (:func:`_expert_tensors`)."""
+    for owner, name, t, dim in list(_expert_tensors(mod, n, nested)):
+        _set_tensor(owner, name, t.data.index_select(dim, keep.to(t.device)).contiguous())
+    for owner in (mod.modules() if nested else [mod]):
+        for attr in ("num_experts", "num_local_experts", "out_features"):  # the modules' own counts
+            if getattr(owner, attr, None) == n and _int(getattr(owner, attr)):
+                setattr(owner, attr, len(keep))
 
 
 @torch.no_grad()
@@ -273,8 +289,8 @@ def remove_experts(mb: MoEBlock, keep: torch.Tensor) -> MoEBlock:
     keep = torch.as_tensor(keep, dtype=torch.long).cpu()
     if keep.numel() == 0 or keep.min() < 0 or keep.max() >= n or keep.unique().numel() != keep.numel():
         raise ValueError(f"keep must be distinct expert indices in [0, {n})")
-    for mod in (mb.experts, mb.router):
-        _slice_experts(mod, n, keep)
+    _slice_experts(mb.experts, n, keep, nested=False)
+    _slice_experts(mb.router, n, keep, nested=True)
     if getattr(mb.block, "num_experts", None) == n:
         mb.block.num_experts = len(keep)
     if isinstance(mb.block.experts, PerExpertLinears):  # the view aliases the old tensors
@@ -301,10 +317,10 @@ def routed_to(mb: MoEBlock, keep: torch.Tensor) -> Iterator[None]:
     experts exactly as in the shrunk model, and a pre-hook maps the router's kept-expert
     indices back to the experts' own. The expert tensors are not copied."""
     n = mb.num_experts
-    saved = {**dict(mb.router.named_parameters(recurse=False)), **dict(mb.router.named_buffers(recurse=False))}
-    counts = {a: getattr(mb.router, a) for a in ("num_experts", "num_local_experts", "out_features")
-              if hasattr(mb.router, a)}
-    _slice_experts(mb.router, n, keep)
+    saved = [(owner, name, t) for owner, name, t, _ in _expert_tensors(mb.router, n, nested=True)]
+    counts = [(m, a, getattr(m, a)) for m in mb.router.modules()
+              for a in ("num_experts", "num_local_experts", "out_features") if hasattr(m, a)]
+    _slice_experts(mb.router, n, keep, nested=True)
     back = keep.to(mb.experts.down_proj.device)
 
     def remap(_module, args):
@@ -315,18 +331,17 @@ def routed_to(mb: MoEBlock, keep: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-        for name, t in saved.items():
-            if isinstance(t, nn.Parameter):
-                setattr(mb.router, name, t)
-            else:
-                mb.router._buffers[name] = t
-        for a, v in counts.items():
-            setattr(mb.router, a, v)
+        for owner, name, t in saved:
+            _set_tensor(owner, name, t)
+        for m, a, v in counts:
+            setattr(m, a, v)
 
 
 def block_output(mb: MoEBlock, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The block's output for each captured input batch ``(rows, seq, hidden)``."""
-    return [mb.block(x) for x in xs]
+    """The block's output for each captured input batch ``(rows, seq, hidden)`` (the hidden
+    states only, where a block also returns its router scores, e.g. GPT-OSS)."""
+    outs = [mb.block(x) for x in xs]
+    return [y[0] if isinstance(y, tuple) else y for y in outs]
 
 
 def output_error(mb: MoEBlock, xs: list[torch.Tensor], ys: list[torch.Tensor], keep: torch.Tensor) -> float:
