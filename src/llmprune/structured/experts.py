@@ -11,8 +11,13 @@ top-k) is the mean of the gate weight times the norm of the expert's output,
 and the experts with the least saliency go. g_j(x) here is the weight the model itself
 multiplies f_j(x) by (the softmax probability, renormalised over the top-k where the family
 does so: Mixtral always, Qwen-MoE with ``norm_topk_prob``), so g_j · f_j is exactly expert j's
-share of the block's output. Baselines: ``frequency`` (tokens routed, the usual count) and
-``random``.
+share of the block's output.
+
+REAP scores each expert alone, while removal re-routes the tokens of a removed expert to
+another one. ``output`` removes experts greedily by what the block's output actually loses,
+‖Y − Ŷ‖² on the calibration tokens with every token re-routed as the shrunk model would (the
+structure's reconstruction error; see :func:`greedy_output_removal`). Baselines: ``frequency``
+(tokens routed, the usual count) and ``random``.
 
 After removal the router's softmax runs over the kept experts only: a token's weights are its
 probabilities divided by the router mass the kept experts hold. Where the family renormalises
@@ -257,9 +262,12 @@ def _expert_tensors(mod: nn.Module, n: int, nested: bool) -> Iterator[tuple[nn.M
     (router weight rows, bias, a ``(1, n)`` correction bias)."""
     for _, owner in (mod.named_modules() if nested else [("", mod)]):
         for name, t in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
-            dims = [d for d, size in enumerate(t.shape) if size == n][:1] if nested else [0] * (t.dim() >= 1)
-            if dims and t.shape[dims[0]] == n:
-                yield owner, name, t, dims[0]
+            if nested:
+                dim = next((d for d, size in enumerate(t.shape) if size == n), None)
+            else:
+                dim = 0 if t.dim() >= 1 and t.shape[0] == n else None
+            if dim is not None:
+                yield owner, name, t, dim
 
 
 def _set_tensor(owner: nn.Module, name: str, t: torch.Tensor) -> None:
