@@ -127,7 +127,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 def _structured_parser(sub) -> None:
     from llmprune.structured.job import StructuredConfig
 
-    p = sub.add_parser("structured", help="make the model physically smaller: OSSCAR MLP width or depth",
+    p = sub.add_parser("structured", help="make the model physically smaller: OSSCAR MLP width, depth or MoE experts",
                        argument_default=argparse.SUPPRESS)
     p.add_argument("model", nargs="?", help="bundled name (smollm2-135m), local HF dir, .gguf file or hub id")
     add_option_flags(p, StructuredConfig, skip=("model",))
