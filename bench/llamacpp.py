@@ -35,7 +35,9 @@ What it does:
    does not depend on them).
 
 Writes ``--json`` (default ``bench/out/llamacpp.json``) and a Markdown table beside it
-(``.md``), and prints the table.
+(``.md``), and prints the table. Perplexities already in ``--json`` for the same GGUF and
+protocol are taken from there (they are deterministic; ``--fresh`` measures them again); the
+speed is always measured anew.
 """
 
 from __future__ import annotations
@@ -227,10 +229,11 @@ def _median(xs: list[float]) -> float:
     return xs[h] if len(xs) % 2 else (xs[h - 1] + xs[h]) / 2
 
 
-def llamacpp_speed(ggufs: list[Path], lc: LlamaCpp, prompt: int, gen: int, threads: list[int], reps: int,
-                   rounds: int, log_dir: Path) -> list[dict]:
+def llamacpp_speed(ggufs: list[Path], lc: LlamaCpp, prompt: int, gen: int, threads: list[int],
+                   load_modes: list[str], reps: int, rounds: int, log_dir: Path) -> list[dict]:
     """prefill (pp``prompt``) and decode (tg``gen``) tokens/s of each model with ``llama-bench``,
-    at each thread count: ``[model] → {threads: {prefill_tok_s, prefill_std, prefill_speedup, ...}}``.
+    at each thread count and load mode: ``[model] → {"{threads}t-{mode}": {prefill_tok_s,
+    prefill_std, prefill_speedup, ...}}``.
 
     ``rounds`` invocations, each measuring every model in turn (``reps`` repetitions each), so a
     change of machine load hits the dense model and the pruned ones alike; each model's samples
@@ -238,23 +241,24 @@ def llamacpp_speed(ggufs: list[Path], lc: LlamaCpp, prompt: int, gen: int, threa
     ratios of mean tokens/s.
     """
     names = [str(g) for g in ggufs]
-    samples: dict[tuple[int, int, str], list[float]] = {}
-    per_round: list[dict[tuple[int, int, str], float]] = []
+    samples: dict[tuple[int, str, str], list[float]] = {}
+    per_round: list[dict[tuple[int, str, str], float]] = []
     for r in range(rounds):
-        cmd = [lc.tool("llama-bench"), "-p", prompt, "-n", gen, "-t", ",".join(map(str, threads)), "-r", reps,
-               "-o", "json"]
+        cmd = [lc.tool("llama-bench"), "-p", prompt, "-n", gen, "-t", ",".join(map(str, threads)),
+               "-lm", ",".join(load_modes), "-r", reps, "-o", "json"]
         for g in ggufs:
             cmd += ["-m", g]
         means = {}
         for row in json.loads(_run(cmd, log=log_dir / f"llama-bench-round{r}.log").stdout):
-            key = (names.index(row["model_filename"]), row["n_threads"], "prefill" if row["n_gen"] == 0 else "decode")
+            key = (names.index(row["model_filename"]), f"{row['n_threads']}t-{row.get('load_mode', 'mmap')}",
+                   "prefill" if row["n_gen"] == 0 else "decode")
             samples.setdefault(key, []).extend(row["samples_ts"])
             means[key] = row["avg_ts"]
         per_round.append(means)
     res: list[dict] = [{} for _ in ggufs]
     for (i, t, kind), x in sorted(samples.items()):
         mean = sum(x) / len(x)
-        res[i].setdefault(str(t), {}).update({
+        res[i].setdefault(t, {}).update({
             f"{kind}_tok_s": mean,
             f"{kind}_std": (sum((v - mean) ** 2 for v in x) / max(len(x) - 1, 1)) ** 0.5,
             f"{kind}_speedup": _median([m[(i, t, kind)] / m[(0, t, kind)] for m in per_round]),
@@ -319,11 +323,13 @@ def markdown(result: dict) -> str:
         ours = f"{m['ours']['ppl']:.2f}" if m.get("ours") else "–"
         lp = m["llamacpp_ppl"]
         lines.append(f"| {m['name']} | {m['params'] / 1e6:.1f} M | {ours} | {lp['ppl']:.2f} ± {lp['ppl_err']:.2f} |")
-    for t in sorted({t for m in ok for t in m["speed"]}, key=int):
-        lines += ["", f"{t} thread{'s' * (int(t) > 1)}:", "",
+    for key in sorted({k for m in ok for k in m["speed"]}):
+        t, mode = key.split("t-")
+        lines += ["", f"{t} thread{'s' * (int(t) > 1)}, weights {'mmapped' if mode == 'mmap' else 'loaded: ' + mode}:",
+                  "",
                   "| model | prefill t/s | x dense | decode t/s | x dense |", "|---|---:|---:|---:|---:|"]
         for m in ok:
-            sp = m["speed"][t]
+            sp = m["speed"][key]
             lines.append(f"| {m['name']} | {sp['prefill_tok_s']:.1f} ± {sp['prefill_std']:.1f} | "
                          f"{sp['prefill_speedup']:.2f} | {sp['decode_tok_s']:.2f} ± {sp['decode_std']:.2f} | "
                          f"{sp['decode_speedup']:.2f} |")
@@ -331,6 +337,17 @@ def markdown(result: dict) -> str:
               "llama-perplexity, only the second half of each window scored (so lower). "
               "x dense: median over rounds of the per-round ratio to the dense model."]
     return "\n".join(lines)
+
+
+def previous_ppl(json_path: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Perplexities of an earlier run with the same protocol, by GGUF file (its name carries
+    the directory's content key and the type): they are deterministic, so not measured again."""
+    if not json_path.is_file():
+        return {}
+    old = json.loads(json_path.read_text())
+    if any(old["config"].get(k) != getattr(args, k) for k in ("ctx", "chunks", "outtype")):
+        return {}
+    return {m["gguf"]: m for m in old["models"] if "gguf" in m}
 
 
 def load_average() -> str:
@@ -346,6 +363,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ctx", type=int, default=1024, help="perplexity window (llama-perplexity -c)")
     p.add_argument("--chunks", type=int, default=40, help="perplexity windows (llama-perplexity --chunks)")
     p.add_argument("--threads", default="2", help="llama-bench threads, e.g. 2 or 1,2 (each is measured)")
+    p.add_argument("--load-mode", default="mmap,none",
+                   help="llama-bench -lm: weights mmapped from the GGUF (llama.cpp's default) and/or read into "
+                        "memory (none); both by default, see docs/llamacpp.md")
     p.add_argument("--ppl-threads", type=int, default=1,
                    help="llama-perplexity threads (the PPL does not depend on them; on a machine shared with "
                         "other jobs one thread avoids llama.cpp's spinning thread barriers)")
@@ -354,6 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="llama-bench -r: repetitions per round")
     p.add_argument("--rounds", type=int, default=3, help="llama-bench invocations over all models")
     p.add_argument("--no-ours", action="store_true", help="skip our PyTorch perplexity")
+    p.add_argument("--fresh", action="store_true", help="measure the perplexities again even if --json has them")
     p.add_argument("--gguf-dir", default=str(OUT / "llamacpp" / "gguf"), help="converted GGUF cache")
     p.add_argument("--cache", default=None, help="llama.cpp build cache (default ~/.cache/llmprune/llamacpp)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs for the build")
@@ -376,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = json_path.parent / "llamacpp" / "logs"
     specs = [args.dense, *args.dirs]
     dirs = [model_dir(s) for s in specs]  # every argument checked before any work
+    earlier = {} if args.fresh else previous_ppl(json_path, args)
     load_start = load_average()
     models, ggufs = [], []
     for spec, d in zip(specs, dirs, strict=True):
@@ -391,21 +413,28 @@ def main(argv: list[str] | None = None) -> None:
             models.append(entry)
             continue
         entry.update(gguf=str(gguf), gguf_bytes=gguf.stat().st_size, convert_s=conv_s, convert_cached=cached)
-        print(f"== {name}: llama-perplexity", flush=True)
-        entry["llamacpp_ppl"] = llamacpp_ppl(gguf, lc, text, args.ctx, args.chunks, args.ppl_threads,
-                                             log_dir / f"{gguf.stem}.perplexity.log")
-        if not args.no_ours:
+        done = earlier.get(str(gguf), {})
+        if "llamacpp_ppl" in done:
+            entry["llamacpp_ppl"] = {**done["llamacpp_ppl"], "from": str(json_path)}
+        else:
+            print(f"== {name}: llama-perplexity", flush=True)
+            entry["llamacpp_ppl"] = llamacpp_ppl(gguf, lc, text, args.ctx, args.chunks, args.ppl_threads,
+                                                 log_dir / f"{gguf.stem}.perplexity.log")
+        if "ours" in done:
+            entry["ours"] = {**done["ours"], "from": str(json_path)}
+        elif not args.no_ours:
             print(f"== {name}: our perplexity", flush=True)
             entry["ours"] = our_ppl(d, args.ctx, args.chunks)
         models.append(entry)
         ggufs.append(gguf)
     print(f"== llama-bench: {len(ggufs)} models, {args.rounds} rounds", flush=True)
     threads = [int(t) for t in args.threads.split(",")]
-    speeds = llamacpp_speed(ggufs, lc, args.prompt, args.gen, threads, args.reps, args.rounds, log_dir)
+    speeds = llamacpp_speed(ggufs, lc, args.prompt, args.gen, threads, args.load_mode.split(","), args.reps,
+                            args.rounds, log_dir)
     for entry, sp in zip([m for m in models if "error" not in m], speeds, strict=True):
         entry["speed"] = sp
-    config = {k: getattr(args, k) for k in ("outtype", "ctx", "chunks", "threads", "ppl_threads", "prompt", "gen",
-                                            "reps", "rounds")}
+    config = {k: getattr(args, k) for k in ("outtype", "ctx", "chunks", "threads", "load_mode", "ppl_threads",
+                                            "prompt", "gen", "reps", "rounds")}
     config.update(llama_cpp_python=lc.version, llama_cpp_build=lc.commit(), cmake_flags=list(CMAKE_FLAGS),
                   machine=platform.machine(), cpus=os.cpu_count(), load_start=load_start, load_end=load_average(),
                   date=time.strftime("%Y-%m-%d %H:%M"))
