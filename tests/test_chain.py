@@ -101,7 +101,7 @@ BAD = [
     (lambda r: r["stages"][2]["recover"].update(steps=0), "stage 3 (recover): steps must be a positive integer"),
     (lambda r: r["stages"][2]["recover"].update(lora_rank=4), "stage 3 (recover): --lora-rank only applies"),
     (lambda r: r["stages"][0]["prune"].update(pattern="2:3:4"), "stage 1 (prune):"),
-    (lambda r: r["stages"].insert(2, {"distill": {}}), "stage 3: unknown kind 'distill'"),
+    (lambda r: r["stages"].insert(2, {"finetune": {}}), "stage 3: unknown kind 'finetune'"),
     (lambda r: r["stages"][1]["maskllm"].update(out="x"), "stage 2 (maskllm): 'out' is chosen by the chain"),
     (lambda r: r["stages"][1]["maskllm"].update(model="x"), "stage 2 (maskllm): 'model' is the previous"),
     (lambda r: r.update(lorarank=3), "recipe: unknown option 'lorarank'; did you mean 'lora_rank'?"),

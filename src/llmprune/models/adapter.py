@@ -281,6 +281,52 @@ def prunable_weights(layer: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+@dataclass(frozen=True)
+class MoEBlock:
+    """One mixture-of-experts block of a layer, for expert removal: expert ``e`` is entry ``e``
+    of every tensor of ``experts`` and ``router`` whose first dimension is ``num_experts``
+    (``gate_up_proj``, ``down_proj``, their biases; the router's weight rows, bias,
+    score-correction bias). A shared expert and its gate are not routed and not listed."""
+
+    name: str  # within the layer, e.g. "mlp" or "block_sparse_moe"
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module  # the fused experts module (never its per-expert view)
+    num_experts: int
+
+
+def _expert_router(name: str, block: nn.Module, n: int) -> nn.Module:
+    """The child of ``block`` that scores its ``n`` experts: a weight of ``n`` rows."""
+    found = [child for cname, child in block.named_children() if cname != "experts"
+             and isinstance(getattr(child, "weight", None), torch.Tensor) and child.weight.dim() == 2
+             and child.weight.shape[0] == n]
+    if len(found) != 1:
+        what = "several" if found else "no"
+        raise LLMPruneError(f"MoE block {name or '(layer)'} ({type(block).__name__}) has {what} router with "
+                            f"{n} output rows among its children; this MoE layout is not supported")
+    return found[0]
+
+
+def moe_blocks(layer: nn.Module) -> list[MoEBlock]:
+    """The routed MoE blocks of ``layer`` (empty for a dense layer, e.g. Qwen2-MoE's
+    ``mlp_only_layers``). Inside :func:`per_expert_linears` the fused module is still the one
+    listed. Experts that are not fused 3D tensors are an error naming the block."""
+    out = []
+    for name, mod in layer.named_modules():
+        if not _is_moe_block(mod):
+            continue
+        experts = mod.experts
+        experts = getattr(experts, "fused", experts)  # PerExpertLinears → the fused module
+        down = getattr(experts, "down_proj", None)
+        if not (isinstance(down, nn.Parameter) and down.dim() == 3):
+            raise LLMPruneError(f"MoE block {name} ({type(mod).__name__}) keeps its experts as "
+                                f"{type(experts).__name__}, not fused 3D tensors; expert removal supports "
+                                "the fused layout of transformers 5")
+        n = down.shape[0]
+        out.append(MoEBlock(name, mod, _expert_router(name, mod, n), experts, n))
+    return out
+
+
 def routed_linears(layer: nn.Module) -> set[str]:
     """Linears that see only the tokens a router sends them (MoE experts, fused or not).
 
@@ -314,7 +360,7 @@ def mlp_triplet(layer: nn.Module) -> MLPTriplet:
     """Gate/up (rows) and down (columns) of the layer's gated MLP, or a clear error."""
     if any(_is_moe_block(m) for m in layer.modules()):
         raise LLMPruneError(f"{type(layer).__name__} is a mixture-of-experts layer: its MLPs are "
-                            "per expert; width pruning of experts is not supported")
+                            "per expert; width pruning of experts is not supported (--method experts removes whole experts)")
     lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     found = []
     for prefix in {n.rpartition(".")[0] for n in lins}:

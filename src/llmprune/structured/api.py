@@ -1,5 +1,5 @@
-"""``structured(model, tokenizer, config)``: OSSCAR width pruning or depth pruning of a loaded
-model, in place, with a report.
+"""``structured(model, tokenizer, config)``: OSSCAR width pruning, depth pruning or MoE expert
+removal (:mod:`llmprune.structured.experts`) of a loaded model, in place, with a report.
 
 Every check that needs only the options and the model (ratios, the MLP modules, the width
 after rounding, k against the layer count, the context length) runs before any calibration
@@ -30,6 +30,7 @@ from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
 from llmprune.models.layers import context_length
 from llmprune.structured import depth as D
 from llmprune.structured.attention import HeadPlan, plan_heads, run_attention
+from llmprune.structured.experts import ExpertsPlan, plan_experts, run_experts
 from llmprune.structured.hidden import HiddenPlan, plan_hidden, run_hidden
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.osscar import mlp_width, osscar_prune
@@ -57,6 +58,7 @@ class StructuredPlan:
     heads: HeadPlan | None = None  # osscar --target attention: kept heads in every layer
     hidden: HiddenPlan | None = None  # hidden: the kept hidden size and the residual layout
     search: SearchPlan | None = None  # search: every target's levels within the budget
+    experts: ExpertsPlan | None = None  # experts: the count removed per MoE layer
 
 
 @dataclass
@@ -142,6 +144,9 @@ def plan_structured(model: nn.Module, options: StructuredOptions) -> StructuredP
     if options.method == "osscar":
         width, inter = _osscar_width(model, layers, options)
         return StructuredPlan("osscar", width=width, intermediate=inter, n_layers=len(layers))
+    if options.method == "experts":
+        experts = plan_experts(model, options.ratio, options.param_ratio, count_params(model))
+        return StructuredPlan("experts", n_layers=len(layers), experts=experts)
     return StructuredPlan("depth", k=_depth_k(model, layers, options), n_layers=len(layers))
 
 
@@ -198,6 +203,9 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
         section = run_hidden(model, ids, plan.hidden, options, device, progress)
     elif plan.method == "osscar":
         section = run_osscar(model, ids, plan, options, device, progress)
+    elif plan.method == "experts":
+        section = run_experts(model, ids, plan.experts, options.expert_score, options.seed, device, progress,
+                              options.expert_candidates)
     else:
         section = run_depth(model, ids, plan, options, device, progress)
     params_after = count_params(model)

@@ -32,6 +32,7 @@ from llmprune.jobs.context import (
 from llmprune.jobs.header import header
 from llmprune.jobs.kind import JobKind
 from llmprune.report import format_blockwise
+from llmprune.structured import experts
 from llmprune.structured.api import StructuredResult, plan_structured, structured
 from llmprune.structured.options import StructuredOptions
 from llmprune.structured.speed import measure_speed
@@ -51,6 +52,8 @@ def validate(job: Job) -> None:
         job.data_files = [config.calib]
         job.corpus = load_corpus(config.calib, "train")  # decoded before the model loads
     check_run(job)
+    if config.method == "experts" and isinstance(job.model, str):  # a dense model: before it loads
+        experts.check_source(config.model, config.ratio, config.trust_remote_code)
 
 
 def plan(job: Job) -> None:

@@ -24,12 +24,14 @@ SEARCH_TARGETS = ("mlp", "attention", "hidden", "depth")
 
 
 class StructuredOptions(Recipe, BlockwiseOptions):
-    """OSSCAR MLP-width or attention-head pruning, depth, hidden-size pruning, or a budget search
-    (optionally followed, layer by layer, by block-wise reconstruction: ``reconstruct: blockwise``)."""
+    """OSSCAR MLP-width or attention-head pruning, depth, hidden-size pruning, MoE expert removal,
+    or a budget search (optionally followed, layer by layer, by block-wise reconstruction:
+    ``reconstruct: blockwise``)."""
 
-    method: Literal["osscar", "depth", "hidden", "search"] = Field(
+    method: Literal["osscar", "depth", "hidden", "experts", "search"] = Field(
         "osscar", description="osscar: remove MLP channels or attention heads (--target) | depth: remove "
                               "consecutive layers | hidden: remove residual-stream channels (hidden_size) | "
+                              "experts: remove routed experts of every MoE layer | "
                               "search: split a --param-ratio budget over --targets")
     target: Literal["mlp", "attention"] = Field("mlp", description="osscar: what to remove: MLP channels or "
                                                                    "attention heads")
@@ -38,7 +40,8 @@ class StructuredOptions(Recipe, BlockwiseOptions):
                              "(heads) or whole KV groups with their k/v heads (groups)")
     ratio: UnitInterval | None = Field(None, description="osscar: share of each MLP's intermediate channels "
                                                          "(--target attention: of its query heads) removed; "
-                                                         "hidden: share of hidden_size; in (0, 1)")
+                                                         "hidden: share of hidden_size; experts: share of each "
+                                                         "MoE layer's routed experts; in (0, 1)")
     param_ratio: UnitInterval | None = Field(None, description="share of all model parameters removed, in "
                                                                "(0, 1) (instead of --ratio / --layers)")
     layers: PositiveInt | None = Field(None, description="depth: number k of consecutive layers removed")
@@ -77,6 +80,12 @@ class StructuredOptions(Recipe, BlockwiseOptions):
                                                 "score candidate allocations on (KL to the dense model)")
     search_candidates: PositiveInt = Field(6, description="search: joint allocations built and scored after "
                                                           "the per-target sensitivity curves")
+    expert_score: Literal["reap", "output", "frequency", "random"] = Field(
+        "reap", description="experts: which experts go: reap (least mean gate weight x expert output norm over "
+                            "the tokens routed to it) | output (greedy: least change of the MoE block's output, "
+                            "tokens re-routed) | frequency (fewest tokens routed) | random (seeded)")
+    expert_candidates: PositiveInt = Field(16, description="experts, output: experts tried per greedy step (the "
+                                                           "least salient by REAP)")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
@@ -95,7 +104,7 @@ class StructuredOptions(Recipe, BlockwiseOptions):
             if self.param_ratio is None:
                 raise ValueError("--method search needs --param-ratio (the share of all parameters to remove)")
             return self
-        if self.method in ("osscar", "hidden"):
+        if self.method in ("osscar", "hidden", "experts"):
             size, wrong = "ratio", "layers"
         else:
             size, wrong = "layers", "ratio"
