@@ -213,3 +213,51 @@ def pruned_dir(tiny_dirs, tmp_path_factory):
     assert main(["prune", str(tiny_dirs["llama"]), "--method", "magnitude", "--pattern", "2:4",
                  "--out", str(out), "-q"]) == 0
     return out
+
+
+RELOAD = """
+import json, sys
+import numpy as np, torch
+from transformers import AutoModelForCausalLM
+assert "llmprune" not in sys.modules
+out = {}
+for d in sys.argv[1:]:
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.from_numpy(np.load(d + "/ids.npy", allow_pickle=False))
+    with torch.no_grad():
+        np.save(d + "/logits.npy", m(ids).logits.numpy())
+        gen = m.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True,
+                         pad_token_id=0, eos_token_id=None)
+    out[d] = {"generated": gen.tolist(), "config": m.config.to_dict()}
+print(json.dumps(out))
+"""
+
+
+def assert_reloads_in_plain_transformers(saved: dict[str, tuple], ids: torch.Tensor, cwd: Path) -> dict[str, dict]:
+    """Load each saved directory with plain ``transformers`` in a fresh process (llmprune not
+    importable): its logits on ``ids[:2]`` and a greedy cached generation must equal the in-memory
+    model's. ``saved`` maps a name to ``(model, directory)``; returns each name's reloaded config."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    dirs = {name: str(d) for name, (_, d) in saved.items()}
+    for d in dirs.values():
+        np.save(f"{d}/ids.npy", ids[:2].numpy())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD, *dirs.values()], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (model, _) in saved.items():
+        d = dirs[name]
+        with torch.no_grad():
+            ref = model(ids[:2]).logits.numpy()
+            gen = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True,
+                                 pad_token_id=0, eos_token_id=None)
+        np.testing.assert_allclose(np.load(f"{d}/logits.npy", allow_pickle=False), ref, rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+        assert out[d]["generated"] == gen.tolist(), name
+    return {name: out[d]["config"] for name, d in dirs.items()}

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import family_config, family_model, tiny_model
+from conftest import assert_reloads_in_plain_transformers, family_config, family_model, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmprune.cli import main
@@ -194,49 +190,19 @@ def test_qwen2_moe_dense_layers_are_left_alone():
         assert mlp.shared_expert_gate.weight.shape == (1, 64) and mlp.shared_expert.down_proj.in_features == 64
 
 
-RELOAD = textwrap.dedent("""
-    import json, sys
-    import numpy as np, torch
-    from transformers import AutoModelForCausalLM
-    assert "llmprune" not in sys.modules
-    out = {}
-    for d in sys.argv[1:]:
-        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        ids = torch.from_numpy(np.load(d + "/ids.npy", allow_pickle=False))
-        with torch.no_grad():
-            np.save(d + "/logits.npy", m(ids).logits.numpy())
-            gen = m.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True,
-                             pad_token_id=0, eos_token_id=None)
-        out[d] = {"generated": gen.tolist(), "config": m.config.to_dict()}
-    print(json.dumps(out))
-""")
 
 
 def test_saved_expert_models_reload_in_plain_transformers(tmp_path):
     ids = calib()
     cases = {"mixtral": moe_model("mixtral"), "qwen2_moe": moe_model("qwen2_moe", layers=3, mlp_only_layers=[1]),
              "qwen3_moe": moe_model("qwen3_moe", experts=6)}
-    dirs = []
+    saved = {}
     for name, model in cases.items():
-        report = prune(model, ids=ids)
-        d = tmp_path / name
-        save_pruned(model, None, d, report)
-        np.save(d / "ids.npy", ids[:2].numpy())
-        dirs.append(str(d))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (name, model), d in zip(cases.items(), dirs, strict=True):
-        with torch.no_grad():
-            ref = model(ids[:2]).logits.numpy()
-            gen = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True,
-                                 pad_token_id=0, eos_token_id=None)
-        np.testing.assert_allclose(np.load(f"{d}/logits.npy", allow_pickle=False), ref, rtol=1e-4, atol=1e-5)
-        assert out[d]["generated"] == gen.tolist(), name
-        key = X.moe_config(model.config).key
-        assert out[d]["config"][key] == (3 if name == "qwen3_moe" else 2), name
+        save_pruned(model, None, tmp_path / name, prune(model, ids=ids))
+        saved[name] = (model, tmp_path / name)
+    config = assert_reloads_in_plain_transformers(saved, ids, tmp_path)
+    for name, model in cases.items():
+        assert config[name][X.moe_config(model.config).key] == (3 if name == "qwen3_moe" else 2), name
 
 
 # --- REAP against the baselines -------------------------------------------------------------------

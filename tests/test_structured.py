@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, family_model, tiny_model
+from conftest import FAMILIES, assert_reloads_in_plain_transformers, family_model, tiny_model
 
 from llmprune.errors import LLMPruneError
 from llmprune.export.save import save_pruned
@@ -401,23 +397,6 @@ def test_similarity_matches_hidden_states():
 
 
 # --- saved models in plain transformers -------------------------------------------------------
-RELOAD = textwrap.dedent("""
-    import json, sys
-    import numpy as np, torch
-    from transformers import AutoModelForCausalLM
-    assert "llmprune" not in sys.modules
-    out = {}
-    for d in sys.argv[1:]:
-        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        ids = torch.from_numpy(np.load(d + "/ids.npy", allow_pickle=False))
-        with torch.no_grad():
-            np.save(d + "/logits.npy", m(ids).logits.numpy())
-            gen = m.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True,
-                             pad_token_id=0, eos_token_id=None)
-        out[d] = {"generated": gen.tolist(), "inter": m.config.intermediate_size,
-                  "layers": m.config.num_hidden_layers}
-    print(json.dumps(out))
-""")
 
 
 def test_saved_models_reload_in_plain_transformers(tmp_path):
@@ -430,26 +409,12 @@ def test_saved_models_reload_in_plain_transformers(tmp_path):
     r = structured(deep, ids=ids, method="depth", layers=2, score="angular", nsamples=NS, seqlen=SL,
                    progress=False)
     cases["depth"] = (deep, r.report)
-    dirs = []
+    saved = {}
     for name, (model, report) in cases.items():
-        d = tmp_path / name
-        save_pruned(model, None, d, report)
-        np.save(d / "ids.npy", ids[:2].numpy())
-        dirs.append(str(d))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (name, (model, _)), d in zip(cases.items(), dirs, strict=True):
-        logits = np.load(f"{d}/logits.npy", allow_pickle=False)
-        with torch.no_grad():
-            ref = model(ids[:2]).logits.numpy()
-            gen = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True,
-                                 pad_token_id=0, eos_token_id=None)
-        np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5)
-        assert out[d]["generated"] == gen.tolist(), name
-    assert out[dirs[0]]["inter"] == 96 and out[dirs[1]]["layers"] == 2
+        save_pruned(model, None, tmp_path / name, report)
+        saved[name] = (model, tmp_path / name)
+    config = assert_reloads_in_plain_transformers(saved, ids, tmp_path)
+    assert config["osscar"]["intermediate_size"] == 96 and config["depth"]["num_hidden_layers"] == 2
 
 
 def test_speed_measure_smoke():

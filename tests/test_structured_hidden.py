@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
-import numpy as np
 import pytest
 import torch
-from conftest import family_model, tiny_model
+from conftest import assert_reloads_in_plain_transformers, family_model, tiny_model
 
 from llmprune.errors import LLMPruneError
 from llmprune.export.save import save_pruned
@@ -167,24 +162,6 @@ def test_kv_cache_generation_equals_no_cache_decode(name):
 
 
 # --- saved models in plain transformers, fresh process ---------------------------------------------
-RELOAD = textwrap.dedent("""
-    import json, sys
-    import numpy as np, torch
-    from transformers import AutoModelForCausalLM
-    assert "llmprune" not in sys.modules
-    out = {}
-    for d in sys.argv[1:]:
-        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        ids = torch.from_numpy(np.load(d + "/ids.npy", allow_pickle=False))
-        with torch.no_grad():
-            np.save(d + "/logits.npy", m(ids).logits.numpy())
-            gen = m.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True,
-                             pad_token_id=0, eos_token_id=None)
-        c = m.config
-        out[d] = {"generated": gen.tolist(), "hidden": c.hidden_size, "heads": c.num_attention_heads,
-                  "kv": c.num_key_value_heads, "layers": c.num_hidden_layers, "inter": c.intermediate_size}
-    print(json.dumps(out))
-""")
 
 
 def test_saved_models_reload_in_plain_transformers(tmp_path):
@@ -198,30 +175,16 @@ def test_saved_models_reload_in_plain_transformers(tmp_path):
         "search_llama": (model_of("llama", layers=3), dict(method="search", param_ratio=0.3, round_to=32,
                                                           holdout=2, search_candidates=2)),
     }
-    dirs = []
+    saved = {}
     for name, (model, opts) in cases.items():
         r = structured(model, ids=ids, nsamples=10, seqlen=SL, progress=False, **opts)
-        d = tmp_path / name
-        save_pruned(model, None, d, r.report)
-        np.save(d / "ids.npy", ids[:2].numpy())
-        dirs.append(str(d))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (name, (model, _)), d in zip(cases.items(), dirs, strict=True):
-        with torch.no_grad():
-            ref = model(ids[:2]).logits.numpy()
-            gen = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0,
-                                 eos_token_id=None)
-        np.testing.assert_allclose(np.load(f"{d}/logits.npy", allow_pickle=False), ref, rtol=1e-4, atol=1e-5,
-                                   err_msg=name)
-        assert out[d]["generated"] == gen.tolist(), name
-        c = model.config
-        assert (out[d]["hidden"], out[d]["heads"], out[d]["kv"], out[d]["layers"], out[d]["inter"]) == (
-            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers, c.intermediate_size)
-    assert out[dirs[2]]["hidden"] == 48 and out[dirs[0]]["kv"] == 1
+        save_pruned(model, None, tmp_path / name, r.report)
+        saved[name] = (model, tmp_path / name)
+    config = assert_reloads_in_plain_transformers(saved, ids, tmp_path)
+    keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size")
+    for name, (model, _) in saved.items():
+        assert [config[name][k] for k in keys] == [getattr(model.config, k) for k in keys], name
+    assert config["hidden_llama_tied"]["hidden_size"] == 48 and config["attention_gemma2"]["num_key_value_heads"] == 1
 
 
 # --- bad input --------------------------------------------------------------------------------------

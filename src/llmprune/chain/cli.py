@@ -8,8 +8,8 @@ import argparse
 def add_run_parser(sub) -> None:
     from llmprune.chain.recipe import stage_kinds
 
-    p = sub.add_parser("run", help="run a chained recipe of stages (prune, maskllm, recover, structured, "
-                                   "eval); re-running continues after the last finished stage")
+    p = sub.add_parser("run", help=f"run a chained recipe of stages ({', '.join(stage_kinds())}); re-running "
+                                   "continues after the last finished stage")
     p.add_argument("recipe", help="YAML recipe: shared options at the top, 'stages:' a list of "
                                   f"{{kind: {{options}}}} with kind one of {', '.join(stage_kinds())} (docs/recipes.md)")
     p.add_argument("--out", required=True, help="output directory: stages/NN-kind/ per stage, final/ "

@@ -288,7 +288,7 @@ KIND = JobKind(
     summary=summary, output="sparse", trains=True, reads=lambda c: {"train_data": c.train_data},
     files=lambda c: {"masks": c.masks} if c.masks else {},
     check=lambda c: lora.require_peft() if c.mode == "lora" else None,
-    windows=_windows, command="fine-tune a pruned model with its mask fixed (masked or LoRA)",
+    windows=_windows, command="fine-tune a pruned model with its mask fixed (masked, LoRA, or distillation from the dense model)",
     model_help="pruned directory (its recorded mask is kept), local HF dir, .gguf file or hub id")
 
 

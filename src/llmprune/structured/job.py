@@ -144,4 +144,4 @@ KIND = JobKind(
     name="structured", config=StructuredConfig,
     run=lambda c, progress: structured_job(c.model, c, progress=progress).report,
     summary=summary, output="dense", reads=lambda c: {"calib": c.calib}, windows=_windows,
-    command="make the model physically smaller: OSSCAR MLP width or depth")
+    command="make the model physically smaller: MLP width or attention heads (OSSCAR), hidden size, depth, MoE experts, or a search to a parameter budget")
