@@ -33,7 +33,7 @@ from llmprune.engine.stats import LayerStats
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import AttentionHeads, attention_heads, decoder_layers
 from llmprune.structured.osscar import osscar_prune
-from llmprune.structured.shrink import _set_weight, text_config
+from llmprune.structured.shrink import keep_columns, keep_rows, text_config
 
 XTX = frozenset({"xtx"})
 
@@ -140,14 +140,8 @@ def shrink_attention(layer: nn.Module, info: AttentionHeads, keep_heads: torch.T
     rows_q = (keep_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
     rows_kv = (kept_kv[:, None] * hd + torch.arange(hd)).reshape(-1)
     for name, rows in ((info.q, rows_q), (info.k, rows_kv), (info.v, rows_kv)):
-        lin = layer.get_submodule(name)
-        rows = rows.to(lin.weight.device)
-        _set_weight(lin, lin.weight[rows], lin.bias[rows] if lin.bias is not None else None)
-    o = layer.get_submodule(info.o)
-    new = o.weight[:, rows_q.to(o.weight.device)] if o_weight is None else o_weight
-    if tuple(new.shape) != (o.out_features, rows_q.numel()):
-        raise ValueError(f"o weight has shape {tuple(new.shape)}, expected ({o.out_features}, {rows_q.numel()})")
-    _set_weight(o, new, o.bias)
+        keep_rows(layer.get_submodule(name), rows)
+    keep_columns(layer.get_submodule(info.o), rows_q, o_weight)
     attn = layer.get_submodule(info.module) if info.module else layer
     attn.num_key_value_groups = int(counts[0])
     for key, value in (("num_heads", keep_heads.numel()), ("num_attention_heads", keep_heads.numel()),

@@ -63,7 +63,7 @@ from llmprune.structured.osscar import (
     objective,
     shrunk,
 )
-from llmprune.structured.shrink import _set_weight, text_config
+from llmprune.structured.shrink import keep_columns, keep_rows, text_config
 
 NOSTATS = frozenset()
 
@@ -326,14 +326,12 @@ def shrink_layer(layer: nn.Module, layout: ResidualLayout, keep: torch.Tensor, d
         start = 0
         for name in r.consumers:
             lin = layer.get_submodule(name)
-            w = lin.weight[:, keep.to(lin.weight.device)] if W_new is None else W_new[start : start + lin.out_features]
-            _set_weight(lin, w, lin.bias)
-            start += lin.out_features
+            n_out = lin.out_features
+            keep_columns(lin, keep, None if W_new is None else W_new[start : start + n_out])
+            start += n_out
         _set_gain(norm, r.offset, _gain(norm, r.offset, keep) * scale)
     for w in layout.writers:
-        lin = layer.get_submodule(w.linear)
-        rows = keep.to(lin.weight.device)
-        _set_weight(lin, lin.weight[rows], lin.bias[rows] if lin.bias is not None else None)
+        keep_rows(layer.get_submodule(w.linear), keep)
         if w.norm:
             norm = layer.get_submodule(w.norm)
             _set_gain(norm, w.offset, _gain(norm, w.offset, keep) * writers[w.norm].to(DTYPE).to(norm.weight.device))
@@ -354,7 +352,7 @@ def shrink_ends(model: nn.Module, layout: ResidualLayout, keep: torch.Tensor, he
     k = keep.to(emb.weight.device)
     new = nn.Parameter((emb.weight.detach()[:, k] * scale).contiguous(), requires_grad=False)
     if not layout.tied:
-        _set_weight(lm, lm.weight[:, keep.to(lm.weight.device)] if head is None else head, lm.bias)
+        keep_columns(lm, keep, head)
     emb.weight = new
     emb.embedding_dim = n
     if layout.tied:

@@ -46,6 +46,21 @@ def _set_weight(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
     lin.out_features, lin.in_features = lin.weight.shape
 
 
+def keep_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
+    """Keep the output rows ``rows`` of ``lin`` (and of its bias), in place."""
+    rows = rows.to(lin.weight.device)
+    _set_weight(lin, lin.weight[rows], lin.bias[rows] if lin.bias is not None else None)
+
+
+def keep_columns(lin: nn.Linear, cols: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    """Keep the input columns ``cols`` of ``lin``, in place; ``weight (out, len(cols))``, a re-fit
+    of those columns, replaces them when given. The bias does not depend on the inputs."""
+    new = lin.weight[:, cols.to(lin.weight.device)] if weight is None else weight
+    if tuple(new.shape) != (lin.out_features, cols.numel()):
+        raise ValueError(f"weight has shape {tuple(new.shape)}, expected ({lin.out_features}, {cols.numel()})")
+    _set_weight(lin, new, lin.bias)
+
+
 @torch.no_grad()
 def shrink_mlp(layer: nn.Module, triplet: MLPTriplet, keep: torch.Tensor,
                down_weight: torch.Tensor | None = None) -> None:
@@ -59,15 +74,8 @@ def shrink_mlp(layer: nn.Module, triplet: MLPTriplet, keep: torch.Tensor,
     if keep.numel() == 0 or keep.min() < 0 or keep.max() >= inter or keep.unique().numel() != keep.numel():
         raise ValueError(f"keep must be distinct channel indices in [0, {inter})")
     for name in triplet.rows:
-        lin = layer.get_submodule(name)
-        rows = torch.cat([keep, keep + inter]) if triplet.fused_gate_up else keep
-        rows = rows.to(lin.weight.device)
-        _set_weight(lin, lin.weight[rows], lin.bias[rows] if lin.bias is not None else None)
-    down = layer.get_submodule(triplet.down)
-    new = down.weight[:, keep.to(down.weight.device)] if down_weight is None else down_weight
-    if tuple(new.shape) != (down.out_features, keep.numel()):
-        raise ValueError(f"down weight has shape {tuple(new.shape)}, expected ({down.out_features}, {keep.numel()})")
-    _set_weight(down, new, down.bias)
+        keep_rows(layer.get_submodule(name), torch.cat([keep, keep + inter]) if triplet.fused_gate_up else keep)
+    keep_columns(layer.get_submodule(triplet.down), keep, down_weight)
     mlp = layer.get_submodule(triplet.down.rpartition(".")[0]) if "." in triplet.down else layer
     if isinstance(getattr(mlp, "intermediate_size", None), int):  # e.g. LlamaMLP keeps it
         mlp.intermediate_size = keep.numel()
