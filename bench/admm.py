@@ -32,7 +32,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import llmprune  # noqa: E402
-from llmprune.data.calibration import calibration_windows  # noqa: E402
 from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.engine.sequential import LayerPlan, run_sequential  # noqa: E402
@@ -42,9 +41,9 @@ from llmprune.models.layers import decoder_layers  # noqa: E402
 from llmprune.sparsity.admm import ADMMOptions  # noqa: E402
 from llmprune.sparsity.patterns import Target  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "out"
-sys.path.insert(0, str(OUT.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import oneshot  # noqa: E402
+from common import OUT, calibration_ids, resume_results, save_results  # noqa: E402
 
 # name → (method, solver, label in the table)
 RUNS = {
@@ -59,17 +58,6 @@ SETTINGS = "0.5,0.6,0.7,0.8,2:4"
 
 def parse_setting(s: str) -> Target:
     return Target.parse(s, None) if ":" in s else Target.unstructured(float(s))
-
-
-def calibration_ids(tokenizer, nsamples: int, seqlen: int, seed: int, calib: str = "c4") -> torch.Tensor:
-    """``(nsamples, seqlen)`` calibration windows, drawn once and cached in bench/out/."""
-    path = OUT / f"calib_{calib}_{nsamples}x{seqlen}_seed{seed}.pt"
-    if path.is_file():
-        return torch.load(path)
-    ids = calibration_windows(load_corpus(calib, "train"), tokenizer, nsamples, seqlen, seed)
-    OUT.mkdir(parents=True, exist_ok=True)
-    torch.save(ids, path)
-    return ids
 
 
 PROTOCOL_KEYS = ("model", "nsamples", "seqlen", "seed", "ppl_seqlen", "max_windows",
@@ -182,14 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": load_s, "runs": runs, "settings": settings, "results": {},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    protocol = {k: result["config"][k] for k in PROTOCOL_KEYS}
-    if out.with_suffix(".json").is_file():
-        old = json.loads(out.with_suffix(".json").read_text())
-        if {k: old["config"].get(k) for k in PROTOCOL_KEYS} == protocol:
-            result["results"] = old["results"]
-            if "dense" in old:
-                result["dense"] = old["dense"]
+    resume_results(out, result, PROTOCOL_KEYS)
     adopted = adopted_cells(result["config"])
     for name in ("wanda", "sparsegpt"):
         for s, cell in adopted.get(name, {}).items():
@@ -198,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("dense", adopted["dense"]["-"])
 
     def save() -> None:
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(markdown(result) + "\n")
+        save_results(out, result, markdown)
 
     def ppl() -> float:
         return perplexity(model, test_ids, args.ppl_seqlen, args.max_windows, progress=False)["ppl"]

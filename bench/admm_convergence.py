@@ -35,7 +35,7 @@ from llmprune.sparsity.recon import relative_recon_error  # noqa: E402
 from llmprune.sparsity.sparsegpt import sparsegpt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from admm import OUT, calibration_ids  # noqa: E402
+from common import OUT, calibration_ids  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

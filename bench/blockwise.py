@@ -50,7 +50,7 @@ from llmprune.structured.api import structured  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 sys.path.insert(0, str(OUT.parent))
-from admm import calibration_ids  # noqa: E402
+from common import calibration_ids  # noqa: E402
 
 ROWS = "sparsegpt:2:4,admm-grad:2:4,sparsegpt:0.5,sparsegpt:0.7,osscar:0.3,depth:4"
 

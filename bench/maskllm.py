@@ -46,7 +46,7 @@ from llmprune.masks import MaskSet  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 sys.path.insert(0, str(OUT.parent))
-from admm import calibration_ids  # noqa: E402
+from common import calibration_ids  # noqa: E402
 
 RUNS = {  # name → (prior, option overrides)
     "sparsegpt-prior": ("sparsegpt", {}),

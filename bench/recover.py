@@ -55,7 +55,7 @@ from llmprune.recover.job import input_report  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 sys.path.insert(0, str(OUT.parent))
-from admm import calibration_ids  # noqa: E402
+from common import calibration_ids  # noqa: E402
 
 MODES = ("masked", "lora", "distill", "distill+hidden")
 

@@ -20,7 +20,6 @@ Smoke test::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -41,9 +40,9 @@ from llmprune.eval.sparsity import measure_sparsity  # noqa: E402
 from llmprune.models.layers import decoder_layers  # noqa: E402
 from llmprune.sparsity.dsnot import DSnoTOptions  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "out"
-sys.path.insert(0, str(OUT.parent))
-import admm  # noqa: E402  (its cached calibration windows and setting parser)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import admm  # noqa: E402  (its setting parser)
+from common import OUT, calibration_ids, resume_results, save_results  # noqa: E402
 
 # name → (method, refine, solver, DSnoT option overrides (and refine_linears), label in the table)
 RUNS = {
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = llmprune.load_model(args.model, device="cpu")
     load_s = time.perf_counter() - t0
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ids = admm.calibration_ids(tok, args.nsamples, args.seqlen, args.seed)
+    ids = calibration_ids(tok, args.nsamples, args.seqlen, args.seed)
     test_ids = eval_token_stream(load_corpus("wikitext2", "test"), tok, args.ppl_seqlen)
     runs, settings = args.runs.split(","), [s.strip() for s in args.settings.split(",") if s.strip()]
     result: dict = {
@@ -129,18 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": load_s, "results": {},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    protocol = {k: result["config"][k] for k in PROTOCOL_KEYS}
-    if out.with_suffix(".json").is_file() and not args.fresh:
-        old = json.loads(out.with_suffix(".json").read_text())
-        if {k: old["config"].get(k) for k in PROTOCOL_KEYS} == protocol:
-            result["results"] = old["results"]
-            result.update({k: old[k] for k in ("dense", "load") if k in old})
+    resume_results(out, result, PROTOCOL_KEYS, args.fresh, keep=("dense", "load"))
 
     def save() -> None:
         result["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(markdown(result) + "\n")
+        save_results(out, result, markdown)
 
     def ppl() -> float:
         return perplexity(model, test_ids, args.ppl_seqlen, args.max_windows, progress=False)["ppl"]

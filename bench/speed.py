@@ -73,7 +73,7 @@ REPO = HERE.parent
 OUT = HERE / "out"
 BENCH_PY = REPO / ".venv-bench" / "bin" / "python"
 sys.path.insert(0, str(HERE))
-from admm import calibration_ids  # noqa: E402
+from common import calibration_ids  # noqa: E402
 
 METHODS = "magnitude,wanda,sparsegpt,admm-grad"
 MODES = ("exact", "true-sequential")

@@ -51,10 +51,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 import llmprune  # noqa: E402
-from llmprune.data.calibration import calibration_windows  # noqa: E402
 from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
@@ -65,7 +63,9 @@ from llmprune.structured.depth import rank_agreement  # noqa: E402
 from llmprune.structured.shrink import drop_layers  # noqa: E402
 from llmprune.structured.speed import measure_speed  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, calibration_ids, resume_results, save_results  # noqa: E402
+
 QUARK_PY = OUT.parent.parent / ".venv-quark" / "bin" / "python"
 # name → (options, label)
 VARIANTS = {
@@ -86,19 +86,6 @@ PROTOCOL_KEYS = ("model", "nsamples", "seqlen", "seed", "ppl_seqlen", "max_windo
                  "depth_nsamples", "prompt_len", "new_tokens")
 # AMD Quark's Llama-2-7b OSSCAR row: WikiText-2 PPL 5.47 → 6.25 at 6.72 % of parameters removed.
 QUARK_RISE_PER_SHARE = (6.25 / 5.47 - 1) / 0.0672
-
-
-def calibration_ids(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``(nsamples, seqlen)`` C4 windows, drawn once and cached in bench/out/ (safetensors)."""
-    path = OUT / f"calib_c4_{nsamples}x{seqlen}_seed{seed}.safetensors"
-    if path.is_file():
-        return load_file(path)["ids"]
-    ids = calibration_windows(load_corpus("c4", "train"), tokenizer, nsamples, seqlen, seed)
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"ids": ids.contiguous()}, tmp)
-    os.replace(tmp, path)
-    return ids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -236,20 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": load_s, "results": {},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    protocol = {k: result["config"][k] for k in PROTOCOL_KEYS}
-    if out.with_suffix(".json").is_file() and not args.fresh:
-        old = json.loads(out.with_suffix(".json").read_text())
-        if {k: old["config"].get(k) for k in PROTOCOL_KEYS} == protocol:
-            result["results"] = old["results"]
-            if "dense" in old:
-                result["dense"] = old["dense"]
+    resume_results(out, result, PROTOCOL_KEYS, args.fresh)
 
     def save() -> None:
-        tmp = out.with_name(f".{out.name}.json.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out.with_suffix(".json"))
-        out.with_suffix(".md").write_text(markdown(result) + "\n")
+        save_results(out, result, markdown)
 
     def speed(model) -> dict:
         return measure_speed(model, args.prompt_len, args.new_tokens)

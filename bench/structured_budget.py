@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -58,7 +57,7 @@ from llmprune.structured.api import count_params  # noqa: E402
 from llmprune.structured.speed import measure_speed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from structured import OUT, calibration_ids  # noqa: E402
+from common import OUT, calibration_ids, resume_results, save_results  # noqa: E402
 
 BASELINE = dict(greedy=False, local_search=False, refit=False)
 PROTOCOL_KEYS = ("model", "nsamples", "seqlen", "seed", "ppl_seqlen", "max_windows", "round_to", "single_round_to",
@@ -230,18 +229,10 @@ def main(argv: list[str] | None = None) -> int:
                     "versions": {"llmprune": llmprune.__version__, "torch": torch.__version__,
                                  "python": platform.python_version()}, "results": {}}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    protocol = {k: result["config"][k] for k in PROTOCOL_KEYS}
-    if out.with_suffix(".json").is_file() and not args.fresh:
-        old = json.loads(out.with_suffix(".json").read_text())
-        if {k: old["config"].get(k) for k in PROTOCOL_KEYS} == protocol:
-            result["results"], result["dense"] = old["results"], old.get("dense")
+    resume_results(out, result, PROTOCOL_KEYS, args.fresh)
 
     def save() -> None:
-        tmp = out.with_name(f".{out.name}.json.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out.with_suffix(".json"))
-        out.with_suffix(".md").write_text(markdown(result) + "\n")
+        save_results(out, result, markdown)
 
     def speed(model) -> dict:
         return measure_speed(model, args.prompt_len, args.new_tokens)
