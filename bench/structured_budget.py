@@ -87,6 +87,9 @@ def runs(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
                                                                      round_to=args.round_to, **extra)))
                 out.append(("targets", f"hidden/{variant}@{r:g}", dict(method="hidden", ratio=r,
                                                                         round_to=args.round_to, **extra)))
+            # hidden: Minitron's importance with the re-fit (which half of the gain is the selection)
+            out.append(("targets", f"hidden/score+refit@{r:g}", dict(method="hidden", ratio=r, round_to=args.round_to,
+                                                                    greedy=False, local_search=False)))
         for _label, share, opts in ATTENTION:
             for variant, extra in (("osscar", {}), ("baseline", BASELINE)):
                 out.append(("targets", f"attention/{variant}@{share:.2f}", dict(method="osscar", target="attention",
@@ -122,12 +125,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
-def _cell(r: dict | None, dense: dict | None) -> str:
+def _cell(r: dict | None) -> str:
     if r is None:
         return "–"
     if "error" in r:
         return "not expressible"
-    return f"{r['ppl']:.2f} (−{_pct(r['removed_share'])})"
+    return f"{r['ppl']:.2f}"
 
 
 def _what(r: dict) -> str:
@@ -188,16 +191,16 @@ def markdown(result: dict) -> str:
     targets = [k for k in res if "/" in k]
     if targets:
         lines += ["", "### A. Each target at a share of its own parameters: OSSCAR vs its score-only baseline", "",
-                  "| target | level | removed (all params) | OSSCAR PPL | baseline PPL | OSSCAR prune s |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| target | kept | removed (all params) | OSSCAR PPL | baseline PPL | score + re-fit PPL | "
+                  "OSSCAR prune s |", "|---|---|---:|---:|---:|---:|---:|"]
         keys = sorted({(k.split("/")[0], k.split("@")[1]) for k in targets}, key=lambda x: (x[0], float(x[1])))
         for target, level in keys:
-            o, b = res.get(f"{target}/osscar@{level}"), res.get(f"{target}/baseline@{level}")
-            ref = o or b
-            what = _what(ref) if ref and "error" not in ref else ""
-            lines.append(f"| {target} | {what} | {_pct(ref['removed_share']) if ref and 'error' not in ref else ''} | "
-                         f"{o['ppl']:.2f} | {b['ppl']:.2f} | {o['prune_s']:.0f} |" if o and b and "error" not in o
-                         else f"| {target} | {what} | | {_cell(o, dense)} | {_cell(b, dense)} | |")
+            o, b, sr = (res.get(f"{target}/{v}@{level}") for v in ("osscar", "baseline", "score+refit"))
+            ref = next((r for r in (o, b, sr) if r and "error" not in r), None)
+            lines.append(f"| {target} | {_what(ref) if ref else ''} | "
+                         f"{'−' + _pct(ref['removed_share']) if ref else ''} | {_cell(o)} | {_cell(b)} | "
+                         f"{_cell(sr) if sr else ''} | {o['prune_s']:.0f} |" if o and "error" not in o else
+                         f"| {target} | | | {_cell(o)} | {_cell(b)} | | |")
     c = result["config"]
     lines += ["", f"{c['model']}, calibration {c['nsamples']}×{c['seqlen']} C4 seed {c['seed']} (search: the last "
               f"{c['holdout']} held out), WikiText-2 test {c['ppl_seqlen']}-token windows (first {c['max_windows']}), "

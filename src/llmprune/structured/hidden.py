@@ -124,14 +124,15 @@ class NormStats:
     """Hooks on one norm, accumulated over every calibration token.
 
     - no ``keep`` (pass 1): ``share`` = Σ_t x_j² / ‖x‖² (each channel's share of the norm
-      input's energy); with ``select`` also ``H = Σ y yᵀ`` of the output and Minitron's
-      statistic (per calibration row the token mean of |y|, squared and summed over rows);
+      input's energy); with ``select`` also ``H = Σ y yᵀ`` of the output (unless ``gram`` is
+      off: the engine's XᵀX of a consumer is the same) and Minitron's statistic (per
+      calibration row the token mean of |y|, squared and summed over rows);
     - ``keep`` (pass 2): ``b = norm_S(x_S)`` against ``a = y``: ``Cbb = Σ bbᵀ``, ``Cba = Σ baᵀ``
       (``diag``: only their per-channel diagonal, ``Σ b_j a_{S_j}`` and ``Σ b_j²``)."""
 
     def __init__(self, norm: nn.Module, keep: torch.Tensor | None = None, select: bool = False,
-                 diag: bool = False):
-        self.keep, self.select, self.diag, self.tokens = keep, select, diag, 0
+                 diag: bool = False, gram: bool = True):
+        self.keep, self.select, self.diag, self.gram, self.tokens = keep, select, diag, gram, 0
         self.H = self.Cbb = self.Cba = self.minitron = self.share = None
         self._x = None
         self._sliced = _sliced_norm(norm, keep) if keep is not None else None
@@ -154,7 +155,8 @@ class NormStats:
             e = x.reshape(-1, d).float().pow(2)
             self.share = self._add(self.share, (e / e.sum(1, keepdim=True).clamp_min(1e-30)).sum(0))
             if self.select:
-                self.H = self._add(self.H, a.T @ a)
+                if self.gram:
+                    self.H = self._add(self.H, a.T @ a)
                 self.minitron = self._add(self.minitron, out.float().abs().mean(-2).reshape(-1, d).pow(2).sum(0))
             return
         keep = self.keep.to(x.device)

@@ -13,8 +13,8 @@ one, exact when the rest is empty; it needs no vocab-sized teacher logits in mem
    for the depth similarities.
 2. **Fast builds from those dense statistics** — one-shot, no propagation: MLP and heads by
    greedy + re-fit on the dense XᵀX (one greedy order per layer serves every MLP width: its
-   prefixes), hidden by the summed OSSCAR objective (one greedy order) with the RMS scale
-   only, depth by the window of least angular distance (Gromov et al.). Every level of every
+   prefixes; 8 channels per greedy step), hidden by the summed OSSCAR objective (one greedy
+   order) with the RMS scale only, depth by the window of least angular distance (Gromov et al.). Every level of every
    target within the budget is built alone and scored: the **sensitivity curves**.
 3. **Allocations**: every combination of levels whose exact parameter count (shapes of the
    pruned model, computed, not built) removes between ``P`` and ``P + 1 %`` of the parameters
@@ -63,6 +63,7 @@ XTX = frozenset({"xtx"})
 TOPK = 256
 TOLERANCE = 0.01  # an allocation may remove up to this share of all parameters more than asked
 MAX_LEVELS = 6  # levels scored alone per target (evenly spread; the others interpolated)
+FAST_BLOCK = 8  # channels per greedy step in the fast orders (the final pruning uses --greedy-block)
 
 
 # --- the loss ---------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: i
 # --- dense statistics and fast builds ------------------------------------------------------------
 @dataclass
 class DenseStats:
-    down: list[torch.Tensor] = field(default_factory=list)  # XᵀX of down_proj, per layer
+    down: list[torch.Tensor] = field(default_factory=list)  # XᵀX of down_proj, then H′ (shrunk, damped)
     o: list[torch.Tensor] = field(default_factory=list)  # XᵀX of o_proj, per layer
     mlp_order: list[list[int]] = field(default_factory=list)  # greedy removal order per layer
     hidden: HiddenStats | None = None
@@ -272,15 +273,16 @@ def dense_stats(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options, 
     st = DenseStats()
     want = set(plan.targets)
     lay = residual_layout(model)
+    reads_ = [r.norm for r in lay.reads]
     if "hidden" in want:
-        st.hidden = HiddenStats()
+        st.hidden = HiddenStats(minitron=torch.zeros(lay.hidden, dtype=DTYPE))
     walk = LayerWalk(model, ids, device, "search: dense statistics", progress)
     for _i, layer in walk:
         trip, att = mlp_triplet(layer), attention_heads(layer)
         shares = {}
         if "hidden" in want:
-            shares = {n: NormStats(layer.get_submodule(n)) for n in
-                      [r.norm for r in lay.reads] + [w.norm for w in lay.writers if w.norm]}
+            shares = {n: NormStats(layer.get_submodule(n), select=n in reads_, gram=False) for n in
+                      [*reads_, *[w.norm for w in lay.writers if w.norm]]}
         try:
             stats = walk.collect(layer, XTX, propagate=True)
         finally:
@@ -293,10 +295,13 @@ def dense_stats(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options, 
             reads = []
             for r in lay.reads:
                 s = shares[r.norm]
-                s.H = xtx[r.consumers[0]]
+                s.H = xtx[r.consumers[0]]  # the norm's output is this consumer's input
+                st.hidden.minitron += s.minitron.sqrt().to(DTYPE).cpu()
+                s.minitron = None
                 reads.append(s)
-                W = torch.cat([layer.get_submodule(c).weight.detach().float() for c in r.consumers])
-                st.hidden.problems.append(reader_problem(W, s.H, options.percdamp, options.shrink))
+                if options.greedy:
+                    W = torch.cat([layer.get_submodule(c).weight.detach().float() for c in r.consumers])
+                    st.hidden.problems.append(reader_problem(W, s.H, options.percdamp, options.shrink))
             st.hidden.reads.append(reads)
             st.hidden.writers.append({w.norm: shares[w.norm] for w in lay.writers if w.norm})
         del stats
@@ -306,8 +311,9 @@ def dense_stats(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options, 
             run_final_norm(model, lay, walk.inps)
         finally:
             st.hidden.final.remove()
-        head = model.get_submodule(lay.final.consumers[0]).weight.detach().float()
-        st.hidden.problems.append(reader_problem(head, st.hidden.final.H, options.percdamp, options.shrink))
+        if options.greedy:
+            head = model.get_submodule(lay.final.consumers[0]).weight.detach().float()
+            st.hidden.problems.append(reader_problem(head, st.hidden.final.H, options.percdamp, options.shrink))
     del walk
     st.seconds["statistics_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -315,15 +321,21 @@ def dense_stats(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options, 
         most = max(a.mlp for a in plan.levels["mlp"])
         for i, layer in enumerate(tqdm(decoder_layers(model), desc="search: MLP greedy orders", disable=not progress)):
             W = layer.get_submodule(mlp_triplet(layer).down).weight.detach().to(DTYPE).T
-            _, P, _ = damped(shrunk(st.down[i].to(DTYPE), options.shrink), options.percdamp)
+            Hd, P, _ = damped(shrunk(st.down[i].to(DTYPE), options.shrink), options.percdamp)
             order: list[int] = []
-            greedy_remove(W, P, most, options.greedy_block, order=order)
+            greedy_remove(W, P, most, max(options.greedy_block, FAST_BLOCK), order=order)
             st.mlp_order.append(order)
+            st.down[i] = Hd.float()  # what the builds' re-fits need: H′, not H (float32 is plenty there)
+            del P
     if "hidden" in want and plan.levels["hidden"]:
         most = max(a.hidden for a in plan.levels["hidden"])
-        choose_channels(st.hidden, plan.shapes.d, plan.shapes.d - most,
-                        options.replace(local_search=False, greedy=True), order=st.hidden_order)
-        st.hidden.problems.clear()
+        if options.greedy:  # the summed OSSCAR objective: one greedy order, every prefix a level
+            choose_channels(st.hidden, plan.shapes.d, plan.shapes.d - most,
+                            options.replace(local_search=False, greedy_block=max(options.greedy_block, FAST_BLOCK)),
+                            order=st.hidden_order)
+            st.hidden.problems.clear()
+        else:  # Minitron's importance, least important first
+            st.hidden_order = torch.argsort(st.hidden.minitron).tolist()
     st.seconds["orders_s"] = time.perf_counter() - t0
     if "depth" in want and plan.levels["depth"]:
         t0 = time.perf_counter()
@@ -352,9 +364,8 @@ def build_fast(dense: nn.Module, a: Allocation, st: DenseStats, plan: SearchPlan
             removed = torch.zeros(sh.inter, dtype=torch.bool)
             removed[st.mlp_order[old][: a.mlp]] = True
             keep = (~removed).nonzero().squeeze(1)
-            W = layer.get_submodule(trip.down).weight.detach().to(DTYPE).T
-            Hd, _, _ = damped(shrunk(st.down[old].to(DTYPE), options.shrink), options.percdamp)
-            shrink_mlp(layer, trip, keep, refit(W, Hd, keep).T.float())
+            W = layer.get_submodule(trip.down).weight.detach().float().T
+            shrink_mlp(layer, trip, keep, refit(W, st.down[old], keep).T.float())
         unit, r = a.attention
         if r:
             hp = _head_plan(sh, unit, r)
@@ -479,7 +490,7 @@ def apply_allocation(model: nn.Module, ids: torch.Tensor, a: Allocation, st: Den
         steps["depth"] = {"removed_layers": list(range(start, start + a.depth))}
     if a.hidden:
         hp = HiddenPlan(residual_layout(model), sh.d, sh.d - a.hidden)
-        steps["hidden"] = _brief(run_hidden(model, ids, hp, options.replace(greedy=True, refit=True), device, progress))
+        steps["hidden"] = _brief(run_hidden(model, ids, hp, options, device, progress))
     if a.attention[1]:
         steps["attention"] = _brief(run_attention(model, ids, _head_plan(sh, *a.attention), options, device, progress))
     if a.mlp:
