@@ -128,3 +128,12 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_dirs, capsys, monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert rc == 130 and err.strip().splitlines()[-1] == "llmprune: interrupted" and "Traceback" not in err
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_a_stage_with_nothing_to_do_records_no_time(tiny_dirs, tmp_path):
+    out = tmp_path / "o"
+    assert main(["prune", str(tiny_dirs["llama"]), "--method", "magnitude", "--sparsity", "0.5",
+                 "--out", str(out), *FAST]) == 0
+    timings = json.loads((out / "pruning.json").read_text())["timings"]
+    assert {"load_s", "run_s", "save_s"} <= set(timings)
+    assert not {"calibrate_s", "ppl_before_s", "ppl_after_s"} & set(timings), timings

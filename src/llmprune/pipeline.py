@@ -38,6 +38,7 @@ from llmprune.eval.sparsity import measure_sparsity
 from llmprune.eval.zeroshot import evaluate_tasks, load_tasks, task_names
 from llmprune.export.save import ALLOCATION_PLOT, save_pruned
 from llmprune.jobs.context import (
+    SKIPPED,
     Job,
     check_run,
     evaluate_stage,
@@ -209,11 +210,11 @@ def check_model(job: PruneJob) -> None:
     job.targets = fixed_targets(job.config, len(decoder_layers(job.model)))
 
 
-def calibrate(job: PruneJob) -> None:
+def calibrate(job: PruneJob) -> str | None:
     """Tokenise the calibration windows and check their activations fit in memory."""
     config = job.config
     if not reads_data(job):
-        return
+        return SKIPPED
     job.true_sequential = check_memory(job.model, config, job.device, job.needs)
     if job.ids is None:
         job.ids = calibration_windows(job.corpus, job.tokenizer, config.nsamples, config.seqlen, config.seed)

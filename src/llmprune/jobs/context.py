@@ -101,8 +101,10 @@ def load(job: Job) -> None:
 def evaluate_stage(when: str) -> Callable[[Job], None]:
     """Perplexity (and zero-shot tasks) of the model as it is now: ``job.ppl[when]``
     (``job.tasks[when]``)."""
-    def evaluate(job: Job) -> None:
+    def evaluate(job: Job) -> str | None:
         config = job.config
+        if not config.ppl and job.task_set is None:
+            return SKIPPED
         if config.ppl:
             job.ppl[when] = evaluate_ppl(job.model, job.tokenizer, config.ppl,
                                          ppl_seqlen(config), config.max_windows,
@@ -126,14 +128,15 @@ def report(job: Job) -> None:
 
 
 UNTIMED = ("validate", "check_model", "plan", "report")  # checks and bookkeeping: no time worth a line
+SKIPPED = "skipped"  # what a stage returns when this job gives it nothing to do: no timing is recorded
 
 
-def run_stages(job: Job, stages: tuple[Callable[[Job], None], ...]) -> Job:
-    """Run ``stages`` in order, timing each as ``<name>_s`` in ``job.timings``."""
+def run_stages(job: Job, stages: tuple[Callable[[Job], str | None], ...]) -> Job:
+    """Run ``stages`` in order, timing each as ``<name>_s`` in ``job.timings`` (unless it
+    returns :data:`SKIPPED`)."""
     with job.cleanup:
         for stage in stages:
             t0 = time.perf_counter()
-            stage(job)
-            if stage.__name__ not in UNTIMED:
+            if stage(job) != SKIPPED and stage.__name__ not in UNTIMED:
                 job.timings[f"{stage.__name__}_s"] = time.perf_counter() - t0
     return job
