@@ -12,7 +12,7 @@ from conftest import family_model, tiny_model
 
 from llmprune.config import PruneConfig
 from llmprune.engine import memory, sequential
-from llmprune.engine.blockwise import BlockwiseOptions
+from llmprune.engine.blockwise import BlockwiseOptions, summarize
 from llmprune.engine.capture import capture_inputs, layer_output
 from llmprune.engine.sequential import LayerPlan, run_sequential
 from llmprune.errors import LLMPruneError
@@ -272,3 +272,11 @@ def test_token_loss_weighs_every_token_alike():
     meter(1, y2[1:])
     assert meter.error == pytest.approx(0.09 * 4 / 5, rel=1e-4)
     assert float(block_loss(y2, t, "mse")) < 1e-3 * float(t.pow(2).mean())
+
+
+def test_the_summary_names_the_layers_that_got_worse_by_their_index():
+    entries = [{"index": 11, "error_before": 0.2, "error_after": 0.1, "steps": 4, "seconds": 1.0},
+               {"index": 14, "error_before": 0.1, "error_after": 0.3, "steps": 4, "seconds": 1.0}]
+    s = summarize(entries, BlockwiseOptions(reconstruct="blockwise"))
+    assert s["worse"] == [14] and s["tuned"] == 2 and s["seconds"] == 2.0
+    assert s["error_before_mean"] == pytest.approx(0.15) and s["error_after_mean"] == pytest.approx(0.2)

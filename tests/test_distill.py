@@ -349,3 +349,23 @@ def test_layer_outputs_keep_the_latest_forward():
     with torch.no_grad():
         model(input_ids=torch.randint(0, 512, (1, 8)))
     assert rec.outputs == {}
+
+
+def test_an_output_inside_the_teacher_is_refused_before_work(tiny_dirs, pruned_dir, tmp_path, capsys, no_heavy_work):
+    teacher = tmp_path / "teacher"
+    tiny_model().save_pretrained(teacher)
+    out = teacher / "rec"
+    capsys.readouterr()
+    for cmd in (["recover", str(pruned_dir), "--mode", "distill"], ["blockwise", str(pruned_dir)]):
+        rc = main([*cmd, "--teacher", str(teacher), "--out", str(out), "-q"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "inside" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_a_distill_stage_distils_with_lora_too():
+    from llmprune.recover.job import DistillConfig
+
+    lora = DistillConfig(model="m", mode="lora").validate()
+    assert (lora.mode, lora.loss, lora.kd_temperature) == ("lora", "kd", 1.0)
+    assert DistillConfig(model="m").validate().loss == "kd"

@@ -367,7 +367,7 @@ def test_resume_from_another_model_pattern_or_recipe_is_refused(tokenizer, corpu
         model = kw.pop("model")
         with pytest.raises(LLMPruneError, match=msg):
             maskllm(model, tokenizer, resume=tmp_path / "a", **{**FAST, "steps": 2, **kw})
-    with pytest.raises(LLMPruneError, match="holds no MaskLLM checkpoint"):
+    with pytest.raises(LLMPruneError, match="holds no training checkpoint"):
         maskllm(tiny_model(), tokenizer, resume=tmp_path, **{**FAST, "steps": 2})
 
 

@@ -62,3 +62,18 @@ def test_prune_api_reports_sparsity_on_real_model(smollm, tmp_path):
     assert res.report["sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert len(res.report["layers"]) == 30
     assert (tmp_path / "w" / "pruning.json").is_file()
+
+
+def test_a_gguf_file_config_reads_before_loading_and_a_chain_checks_its_windows(tmp_path, capsys):
+    from llmprune.cli import main
+    from llmprune.models.loading import BUNDLED, load_config, resolve_bundled
+
+    gguf = str(resolve_bundled(next(iter(BUNDLED))))
+    config = load_config(gguf)
+    assert config.num_hidden_layers == 30 and config.max_position_embeddings == 8192
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {gguf}\nstages:\n  - eval: {{ppl: wikitext2, ppl_seqlen: 9000}}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "9000 is longer than the model's context (8192" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -162,12 +162,13 @@ class BlockTuner:
 
 def summarize(entries: list[dict], options: BlockwiseOptions) -> dict:
     """The report's ``blockwise`` section: the options, mean errors before / after over the
-    layers, how many were tuned, skipped or got worse, and the seconds the stage added."""
+    layers, how many were tuned or skipped, the layers that got worse (an entry's ``index``, else
+    its position), and the seconds the stage added."""
     before = [e["error_before"] for e in entries]
     after = [e["error_after"] for e in entries]
     return {"options": options.model_dump(), "layers": len(entries),
             "tuned": sum(e["steps"] > 0 for e in entries), "skipped": sum(bool(e.get("skipped")) for e in entries),
-            "worse": [i for i, e in enumerate(entries) if e["error_after"] > e["error_before"]],
+            "worse": [e.get("index", i) for i, e in enumerate(entries) if e["error_after"] > e["error_before"]],
             "error_before_mean": sum(before) / len(before) if before else None,
             "error_after_mean": sum(after) / len(after) if after else None,
             "seconds": sum(e["seconds"] for e in entries)}

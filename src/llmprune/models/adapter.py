@@ -32,11 +32,18 @@ _FUSED_GATED = [("gate_up_proj", "down_proj")]  # Phi-3: [gate; up] stacked in o
 
 
 # --- decoder layers ---------------------------------------------------------------------------
+def text_config(config_or_model):
+    """The config that describes the decoder stack (a multimodal model's text config), of a
+    ``PretrainedConfig`` or of a model."""
+    config = config_or_model.config if isinstance(config_or_model, nn.Module) else config_or_model
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _text_layers_count(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     n = getattr(text, "num_hidden_layers", None)
     return n if isinstance(n, int) else None
 

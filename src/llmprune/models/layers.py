@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from llmprune.models.adapter import decoder_layers, linear_layers
+from llmprune.models.adapter import decoder_layers, linear_layers, text_config
 
 __all__ = ["config_context_length", "context_length", "decoder_layers", "linear_layers"]
 
@@ -17,7 +17,7 @@ def context_length(model: nn.Module) -> int | None:
 
 def config_context_length(config) -> int | None:
     """:func:`context_length` from a ``PretrainedConfig`` alone (no weights needed)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         v = getattr(config, key, None)
         if isinstance(v, int) and v > 0:

@@ -145,6 +145,16 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     src = model_source(name_or_path)
     if Path(src).expanduser().is_dir():
         check_config(name_or_path, _read_config(Path(src).expanduser()), trust_remote_code)
+    elif Path(src).expanduser().is_file():  # a .gguf file: its metadata holds the config
+        p = Path(src).expanduser()
+        if p.suffix != ".gguf":
+            raise LLMPruneError(f"model file {p} is not a .gguf file; pass a .gguf file or a model directory")
+        check_gguf(p)
+        try:
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=False)
+        except Exception as e:  # the gguf reader raises whatever a damaged file makes it hit
+            raise LLMPruneError(f"could not read the config of GGUF file {p}: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     try:
         if not _is_local(src):
             check_config(name_or_path, PretrainedConfig.get_config_dict(src)[0], trust_remote_code)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import decoder_layers
+from llmprune.models.adapter import decoder_layers, text_config
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @torch.no_grad()
 def residual_layout(model: nn.Module) -> ResidualLayout:
     """Find and check the residual-stream layout with one 8-token forward (see the module doc)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     d = getattr(config, "hidden_size", None)
     if not isinstance(d, int):
         raise LLMPruneError(f"{type(config).__name__} has no integer hidden_size to shrink")

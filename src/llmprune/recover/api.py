@@ -146,9 +146,7 @@ def recover(model: nn.Module, tokenizer, options: RecoverOptions | None = None, 
               "recovery trains it like a dense model", file=sys.stderr)
     coach = None
     if plan is not None:
-        t_model = distill.load_teacher(plan, model, opts, trust_remote_code)
-        if plan.model is None:  # loaded now: its memory, checked once more with the real modules
-            check_recover_memory(model, opts, targets, t_model, teacher_device)
+        t_model = distill.load_teacher(plan, model, trust_remote_code)  # its memory: in validate's estimate
         coach = Teacher(t_model, plan.layer_map, opts.kd_topk, teacher_device, opts.batch_size, opts.seqlen)
         fingerprint["teacher"] = distill.teacher_fingerprint(t_model)
     terms = loss_terms(opts, coach, list(decoder_layers(model)))

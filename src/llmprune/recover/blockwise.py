@@ -89,7 +89,7 @@ def validate(job: Job) -> None:
     if config.masks is not None:
         read_packed(config.masks)  # a damaged file: one line now; names and shapes once the model is loaded
     job.extra["teacher"] = teacher
-    job.data_files = [config.calib, *([config.masks] if config.masks else [])]
+    job.data_files = [config.calib, *([config.masks] if config.masks else []), *input_paths(teacher)]
     job.corpus = load_corpus(config.calib, "train")  # decoded before the model loads
     check_run(job)
 
@@ -169,7 +169,7 @@ def save(job: Job) -> None:
     if config.out:
         recipe = yaml.safe_dump({"blockwise": job.report["recipe"]}, sort_keys=False, allow_unicode=True)
         job.saved = save_pruned(job.model, job.tokenizer, config.out, job.report, recipe, config.overwrite,
-                                extra_files={MASK_FILE: masks.save}, inputs=[*job_inputs(job), *input_paths(job.extra["teacher"])])
+                                extra_files={MASK_FILE: masks.save}, inputs=job_inputs(job))
 
 
 BLOCKWISE = (validate, load, load_teacher, calibrate, evaluate_stage("before"), tune, save, evaluate_stage("after"),

@@ -24,8 +24,8 @@ from torch import nn
 
 from llmprune.errors import LLMPruneError
 from llmprune.export.save import REPORT_FILE
-from llmprune.models.adapter import decoder_layers, masked_linears
-from llmprune.models.loading import BUNDLED, model_source
+from llmprune.models.adapter import decoder_layers, masked_linears, text_config
+from llmprune.models.loading import BUNDLED, load_config, model_source
 from llmprune.recover.options import RecoverOptions
 
 MAX_CHAIN = 32  # pruning.json links followed before giving up (a cycle, or a very long chain)
@@ -102,10 +102,6 @@ def lineage_layer_map(reports: list[dict], teacher_layers: int) -> list[int]:
     return kept
 
 
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def shape_of(model: nn.Module) -> dict[str, int]:
     """What distillation compares: logits per position, hidden size, decoder layers."""
     cfg = text_config(model.config)
@@ -114,17 +110,9 @@ def shape_of(model: nn.Module) -> dict[str, int]:
     return {"vocab": int(vocab), "hidden": int(cfg.hidden_size), "layers": len(decoder_layers(model))}
 
 
-def config_shape(name: str, trust_remote_code: bool = False) -> dict[str, int] | None:
-    """:func:`shape_of` from a model's config alone (None for a .gguf file: no config to read)."""
-    from transformers import AutoConfig
-
-    src = model_source(name)
-    if Path(src).expanduser().is_file():
-        return None
-    try:
-        cfg = text_config(AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code))
-    except (OSError, ValueError) as e:
-        raise LLMPruneError(f"could not read the config of teacher {name!r}: {str(e).splitlines()[0]}") from None
+def config_shape(name: str, trust_remote_code: bool = False) -> dict[str, int]:
+    """:func:`shape_of` from a model's config alone (a .gguf file's metadata included)."""
+    cfg = text_config(load_config(name, trust_remote_code))
     return {"vocab": int(cfg.vocab_size), "hidden": int(cfg.hidden_size), "layers": int(cfg.num_hidden_layers)}
 
 
@@ -171,15 +159,12 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return hashlib.sha256(lin.weight.detach()[0].float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def teacher_skeleton(name: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module | None:
+def teacher_skeleton(name: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The teacher's modules on the meta device (no memory): sizes for the estimate before it
-    loads. None for a .gguf file."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    loads."""
+    from transformers import AutoModelForCausalLM
 
-    src = model_source(name)
-    if Path(src).expanduser().is_file():
-        return None
-    cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    cfg = load_config(name, trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code)
 
@@ -263,10 +248,9 @@ def check_student(mine: dict[str, int], teacher: dict[str, int], opts: RecoverOp
     return list(layer_map)
 
 
-def load_teacher(plan: TeacherPlan, student: nn.Module, opts: RecoverOptions,
+def load_teacher(plan: TeacherPlan, student: nn.Module,
                  trust_remote_code: bool = False) -> nn.Module:
-    """The teacher model (loaded now if it was named), frozen in eval mode; a .gguf teacher's
-    shapes are checked here, the first moment they are known."""
+    """The teacher model (loaded now if it was named), frozen in eval mode."""
     from llmprune.models.loading import load_model
 
     if plan.model is not None:
@@ -274,7 +258,5 @@ def load_teacher(plan: TeacherPlan, student: nn.Module, opts: RecoverOptions,
     else:
         dtype = next(student.parameters()).dtype
         model, _ = load_model(plan.name, dtype=dtype, trust_remote_code=trust_remote_code, need_tokenizer=False)
-        if plan.sizer is None:
-            plan.layer_map = check_student(shape_of(student), shape_of(model), opts, plan.name, plan.reports, plan.layer_map)
     model.eval()
     return model

@@ -42,6 +42,7 @@ from llmprune.jobs.header import header
 from llmprune.jobs.kind import JobKind
 from llmprune.masks import MaskSet
 from llmprune.masks.files import MASK_FILE, read_packed
+from llmprune.models.loading import input_paths
 from llmprune.recover import distill, lora
 from llmprune.recover.api import merge_adapter, model_masks, pruned_nonzero, recover, remask_result
 from llmprune.recover.memory import check_recover_memory
@@ -108,9 +109,10 @@ def validate(job: Job) -> None:
     job.data_files = [config.train_data, *([config.masks] if config.masks else [])]
     job.extra["corpus"] = load_corpus(config.train_data, "train")  # decoded before the model loads
     job.extra["input"] = input_report(config.model) if isinstance(job.model, str | None) else None
-    check_run(job)
     if config.distills:
         check_teacher(job)
+        job.data_files += input_paths(job.extra["teacher"])  # an input too: never under --out
+    check_run(job)
 
 
 def check_model(job: Job) -> None:
@@ -297,6 +299,8 @@ class DistillConfig(RecoverConfig):
 
     mode: Literal["masked", "lora", "distill"] = Field("distill", description="distill (default here): masked "
                                                        "weights on the teacher's logit KL; lora: an adapter on it")
+    loss: Literal["ce", "kd", "kd+ce"] | None = Field("kd", description="kd (default here): the teacher's logit "
+                                                      "KL (plus hidden states with kd_hidden_weight) | kd+ce | ce")
 
 
 # The chain's `distill` stage: `recover` with distillation by default, and its own kind in reports.

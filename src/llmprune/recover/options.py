@@ -23,8 +23,6 @@ from pydantic import Field, model_validator
 from llmprune.options import CommaList, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from llmprune.train.trainer import TrainerOptions
 
-MODES = ("masked", "lora", "distill")
-LOSSES = ("ce", "kd", "kd+ce")
 DEFAULT_LR = {"masked": 5e-5, "lora": 1e-4}
 LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05}
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")

@@ -26,7 +26,7 @@ from llmprune.engine.capture import layer_output
 from llmprune.engine.memory import check_fits, estimate_bytes, rows_per_call
 from llmprune.engine.sequential import LayerWalk
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet
+from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet, text_config
 from llmprune.models.layers import context_length
 from llmprune.structured import depth as D
 from llmprune.structured.attention import HeadPlan, plan_heads, run_attention
@@ -40,7 +40,6 @@ from llmprune.structured.shrink import (
     drop_layers,
     set_intermediate_size,
     shrink_mlp,
-    text_config,
 )
 
 XTX = frozenset({"xtx"})

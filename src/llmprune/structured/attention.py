@@ -31,9 +31,9 @@ from torch import nn
 from llmprune.engine.sequential import LayerWalk, run_layer
 from llmprune.engine.stats import LayerStats
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import AttentionHeads, attention_heads, decoder_layers
+from llmprune.models.adapter import AttentionHeads, attention_heads, decoder_layers, text_config
 from llmprune.structured.osscar import osscar_prune
-from llmprune.structured.shrink import keep_columns, keep_rows, text_config
+from llmprune.structured.shrink import keep_columns, keep_rows
 
 XTX = frozenset({"xtx"})
 

@@ -45,7 +45,13 @@ from torch import nn
 
 from llmprune.engine.sequential import LayerWalk
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import MoEBlock, PerExpertLinears, decoder_layers, moe_blocks
+from llmprune.models.adapter import (
+    MoEBlock,
+    PerExpertLinears,
+    decoder_layers,
+    moe_blocks,
+    text_config,
+)
 from llmprune.models.loading import BUNDLED, cache_dir
 
 # Config attributes that hold the number of routed experts, as the families spell them.
@@ -70,7 +76,7 @@ def _int(v) -> bool:
 def moe_config(config) -> MoEConfig:
     """The routed-expert count and top-k of ``config`` (a transformers config), or a clear error
     for a dense model or a routing the removal would break."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     kind = getattr(text, "model_type", type(text).__name__)
     key = next((k for k in EXPERT_COUNT_KEYS if _int(getattr(text, k, None)) and getattr(text, k) > 0), None)
     if key is None:
@@ -309,7 +315,7 @@ def remove_experts(mb: MoEBlock, keep: torch.Tensor) -> MoEBlock:
 def set_num_experts(model: nn.Module, moe: MoEConfig, kept: int) -> None:
     """Write the new routed-expert count into the config (and the text config's parent)."""
     config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     for c in {id(config): config, id(text): text}.values():
         if hasattr(c, moe.key):
             setattr(c, moe.key, kept)

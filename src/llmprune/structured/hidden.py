@@ -52,7 +52,7 @@ from torch import nn
 
 from llmprune.engine.sequential import LayerWalk
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import decoder_layers
+from llmprune.models.adapter import decoder_layers, text_config
 from llmprune.models.residual import ResidualLayout, residual_layout
 from llmprune.structured.osscar import (
     DTYPE,
@@ -63,7 +63,7 @@ from llmprune.structured.osscar import (
     objective,
     shrunk,
 )
-from llmprune.structured.shrink import keep_columns, keep_rows, text_config
+from llmprune.structured.shrink import keep_columns, keep_rows
 
 NOSTATS = frozenset()
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import MLPTriplet, decoder_layers
+from llmprune.models.adapter import MLPTriplet, decoder_layers, text_config
 
 # Config lists with one entry per decoder layer (sliced when layers go).
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_block_type",
@@ -27,12 +27,6 @@ PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_b
 LAYER_INDEX_LISTS = ("mlp_only_layers",)
 # Config counts "the first n layers are special" (recounted over the kept layers).
 LAYER_THRESHOLDS = ("max_window_layers", "first_k_dense_replace")
-
-
-def text_config(model: nn.Module):
-    """The config that describes the decoder stack (the text config of multimodal models)."""
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 # --- width --------------------------------------------------------------------------------------

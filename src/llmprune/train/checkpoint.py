@@ -80,7 +80,7 @@ def latest_checkpoint(root: str | Path) -> Path:
                 check_safetensors(path / TENSORS)
                 return path
             raise LLMPruneError(f"{pointer} names {path.name}, which is incomplete or missing")
-    raise LLMPruneError(f"{root} holds no MaskLLM checkpoint (no {LATEST} file in it or in {root / 'checkpoints'})")
+    raise LLMPruneError(f"{root} holds no training checkpoint (no {LATEST} file in it or in {root / 'checkpoints'})")
 
 
 def read_meta(path: str | Path) -> dict:
