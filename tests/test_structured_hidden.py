@@ -208,3 +208,12 @@ def test_bad_input_is_one_clear_error_before_any_work(name, opts, msg, monkeypat
     with pytest.raises(LLMPruneError, match=msg):
         structured(model, tokenizer=None, config={"seqlen": SL, "method": "hidden", **opts}, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snapshot, strict=True))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "qwen2"])
+def test_bf16_models_have_a_layout_and_shrink(name):
+    """bf16 (the default dtype on a GPU) rounds the probe's sums: the checks allow for it."""
+    model = model_of(name).to(torch.bfloat16)
+    assert len(residual_layout(model).writers) == 2
+    structured(model, ids=calib(4), method="hidden", ratio=0.25, round_to=8, nsamples=4, seqlen=SL, progress=False)
+    assert model.config.hidden_size == 48 and next(model.parameters()).dtype == torch.bfloat16

@@ -38,7 +38,7 @@ def model_of(name: str, layers: int = 3):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma2"])
 def test_shape_counts_are_the_pruned_models_parameters(name):
     dense = model_of(name)
-    sh = shapes(dense)
+    sh = shapes(dense, ["mlp", "attention", "hidden", "depth"])
     assert sh.count(Allocation()) == sum(p.numel() for p in dense.parameters())
     opts = StructuredOptions(method="search", param_ratio=0.5, round_to=16, nsamples=6, seqlen=SL)
     plan = plan_search(dense, 0.5, ["mlp", "attention", "hidden", "depth"], 16, 2, 6)
@@ -95,6 +95,19 @@ def test_search_on_a_tiny_model():
     assert s["holdout_windows"] == 2 and s["statistics_windows"] == 6
     assert torch.isfinite(model(ids[:1]).logits).all()
     json.dumps(r.report)
+
+
+@pytest.mark.parametrize(("name", "targets"), [("phi3", "mlp,depth"), ("gpt_neox", "depth"), ("llama", "mlp,depth")])
+def test_search_needs_only_the_modules_of_its_targets(name, targets):
+    """Phi-3's fused qkv has no head view, GPT-NeoX has LayerNorm and no gated MLP: targets that
+    do not touch them still search, and the counts are exact."""
+    model = model_of(name)
+    before = sum(p.numel() for p in model.parameters())
+    r = structured(model, ids=calib(8), method="search", param_ratio=0.2, targets=targets, round_to=16, nsamples=8,
+                   seqlen=SL, holdout=2, search_candidates=2, progress=False)
+    after = sum(p.numel() for p in model.parameters())
+    assert r.report["params"]["after"] == after and after <= 0.8 * before
+    assert 1 - after / before == pytest.approx(r.report["search"]["predicted_removed_share"], abs=1e-12)
 
 
 @pytest.mark.parametrize(("opts", "msg"), [

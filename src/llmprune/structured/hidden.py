@@ -160,6 +160,7 @@ class NormStats:
                 self.minitron = self._add(self.minitron, out.float().abs().mean(-2).reshape(-1, d).pow(2).sum(0))
             return
         keep = self.keep.to(x.device)
+        self._sliced.to(x.device)  # made where the norm was; the walk may have moved the norm since
         b = self._sliced(x[..., keep]).reshape(-1, keep.numel()).float()
         if self.diag:
             self.Cbb = self._add(self.Cbb, (b * b).sum(0))
@@ -292,7 +293,8 @@ def fit_consumers(W: torch.Tensor, Cbb: torch.Tensor, Cba: torch.Tensor, keep: t
 def relative_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor, Cbb: torch.Tensor,
                    Cba: torch.Tensor) -> float:
     """‖a Wᵀ − b W'ᵀ‖² / ‖a Wᵀ‖² on the calibration tokens, from the accumulated statistics."""
-    W, W_new = W.float(), W_new.float()
+    dev = H.device  # the statistics' device; the weights may still be on the CPU
+    W, W_new, Cbb, Cba = W.float().to(dev), W_new.float().to(dev), Cbb.to(dev), Cba.to(dev)
     dense = float(((W.T @ W).to(DTYPE) * H.to(DTYPE)).sum())
     cross = float(((W_new.T @ W).to(DTYPE) * Cba.to(DTYPE)).sum())
     own = float(((W_new.T @ W_new).to(DTYPE) * Cbb.to(DTYPE)).sum())
@@ -428,7 +430,7 @@ def refit_and_shrink(model: nn.Module, ids: torch.Tensor, layout: ResidualLayout
     finally:
         s.remove()
     emb = model.get_submodule(layout.embed)
-    W = model.get_submodule(layout.final.consumers[0]).weight.detach().float()
+    W = model.get_submodule(layout.final.consumers[0]).weight.detach().float().to(s.Cbb.device)
     k = keep.to(s.Cbb.device)
     scale = math.sqrt(d / n) if abs(layout.embed_scale - 1) > 1e-4 else 1.0
     if layout.tied:  # min ‖E a − E'(κ ⊙ b)‖² over κ (E' = the kept, scaled columns), ridge toward κ = 1

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from llmprune.engine.sequential import LayerWalk
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import attention_heads, decoder_layers, mlp_triplet
-from llmprune.models.residual import residual_layout
+from llmprune.models.adapter import attention_heads, decoder_layers, mlp_triplet, text_config
+from llmprune.models.residual import ResidualLayout, residual_layout
 from llmprune.structured import depth as D
 from llmprune.structured.attention import HeadPlan, run_attention, set_head_counts, shrink_attention
 from llmprune.structured.hidden import (
@@ -145,40 +145,49 @@ class Shapes:
         per = self.heads // self.kv
         unit, r = a.attention
         heads, kv = (self.heads - r * self.kv, self.kv) if unit == "heads" else (self.heads - r * per, self.kv - r)
-        frac = {"d": (self.d - a.hidden) / self.d, "inter": (self.inter - a.mlp) / self.inter,
+        frac = {"d": (self.d - a.hidden) / self.d, "inter": (self.inter - a.mlp) / max(self.inter, 1),
                 "q": heads / self.heads, "kv": kv / self.kv, None: 1.0}
         layer = sum(n * frac[x] * frac[y] for (x, y), n in self.per_layer.items())
         return round((self.layers - a.depth) * layer + self.outside_d * frac["d"] + self.outside_fixed)
 
 
-def shapes(model: nn.Module) -> Shapes:
-    """Classify every parameter by the dimensions the targets shrink (MLP rows / columns,
-    head rows / columns, the residual stream's channels)."""
+def shapes(model: nn.Module, targets: tuple[str, ...] | list[str]) -> Shapes:
+    """Classify every parameter by the dimensions ``targets`` shrink (MLP rows / columns, head
+    rows / columns, the residual stream's channels); what no target shrinks counts as fixed, so a
+    model needs only the modules of the targets asked for."""
     layers = decoder_layers(model)
     layer = layers[0]
-    trip, att, lay = mlp_triplet(layer), attention_heads(layer), residual_layout(model)
-    d = lay.hidden
+    trip = mlp_triplet(layer) if "mlp" in targets else None
+    att = attention_heads(layer) if "attention" in targets else None
+    lay = residual_layout(model) if "hidden" in targets else None
+    d = lay.hidden if lay else int(text_config(model).hidden_size)
     dims: dict[str, tuple[str | None, str | None]] = {}  # parameter name → (out dim kind, in dim kind)
 
     def linear(name: str, out: str | None, inp: str | None) -> None:
         dims[f"{name}.weight"] = (out, inp)
         dims[f"{name}.bias"] = (out, None)
 
-    for name in trip.rows:
-        linear(name, "inter", "d")
-    linear(trip.down, "d", "inter")
-    linear(att.q, "q", "d")
-    linear(att.k, "kv", "d")
-    linear(att.v, "kv", "d")
-    linear(att.o, "d", "q")
-    for r in lay.reads:
-        dims[f"{r.norm}.weight"] = ("d", None)
-    for w in lay.writers:
-        if w.norm:
-            dims[f"{w.norm}.weight"] = ("d", None)
-    sh = Shapes(d, trip.intermediate, att.heads, att.kv_heads, att.head_dim, len(layers))
+    if trip:
+        for name in trip.rows:
+            linear(name, "inter", "d")
+        linear(trip.down, "d", "inter")
+    if att:
+        linear(att.q, "q", "d")
+        linear(att.k, "kv", "d")
+        linear(att.v, "kv", "d")
+        linear(att.o, "d", "q")
+    if lay:
+        for r in lay.reads:
+            dims[f"{r.norm}.weight"] = ("d", None)
+        for w in lay.writers:
+            if w.norm:
+                dims[f"{w.norm}.weight"] = ("d", None)
+    sh = Shapes(d, trip.intermediate if trip else 0, att.heads if att else 1, att.kv_heads if att else 1,
+                att.head_dim if att else 0, len(layers))
     for name, p in layer.named_parameters():
         key = dims.get(name, (None, None))
+        if not lay:  # hidden is not a target: the stream's channels stay
+            key = tuple(None if x == "d" else x for x in key)
         sh.per_layer[key] = sh.per_layer.get(key, 0) + p.numel()
     inside = {id(p) for p in layers.parameters()}
     for p in model.parameters():
@@ -228,7 +237,7 @@ def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: i
     if holdout >= nsamples:
         raise LLMPruneError(f"--holdout {holdout} leaves no calibration window for the statistics "
                             f"(--nsamples {nsamples}); use fewer held-out windows or more samples")
-    sh = shapes(model)  # errors name the missing MLP / attention / residual layout
+    sh = shapes(model, targets)  # errors name a target's missing MLP / attention / residual layout
     total = sh.count(Allocation())
     levels: dict[str, list[Allocation]] = {}
     for t in targets:
@@ -264,6 +273,7 @@ class DenseStats:
     hidden_order: list[int] = field(default_factory=list)
     windows: dict[int, int] = field(default_factory=dict)  # depth k → first layer of the window
     seconds: dict[str, float] = field(default_factory=dict)
+    layout: ResidualLayout | None = None  # the dense model's residual stream (hidden only)
 
 
 @torch.no_grad()
@@ -272,13 +282,12 @@ def dense_stats(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options, 
     t0 = time.perf_counter()
     st = DenseStats()
     want = set(plan.targets)
-    lay = residual_layout(model)
-    reads_ = [r.norm for r in lay.reads]
-    if "hidden" in want:
+    lay = st.layout = residual_layout(model) if "hidden" in want else None
+    if lay:
+        reads_ = [r.norm for r in lay.reads]
         st.hidden = HiddenStats(minitron=torch.zeros(lay.hidden, dtype=DTYPE))
     walk = LayerWalk(model, ids, device, "search: dense statistics", progress)
     for _i, layer in walk:
-        trip, att = mlp_triplet(layer), attention_heads(layer)
         shares = {}
         if "hidden" in want:
             shares = {n: NormStats(layer.get_submodule(n), select=n in reads_, gram=False) for n in
@@ -289,8 +298,8 @@ def dense_stats(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options, 
             for s in shares.values():
                 s.remove()
         xtx = {n: s["xtx"] for n, s in stats.per_linear().items()}
-        st.down.append(xtx[trip.down] if "mlp" in want else None)
-        st.o.append(xtx[att.o] if "attention" in want else None)
+        st.down.append(xtx[mlp_triplet(layer).down] if "mlp" in want else None)
+        st.o.append(xtx[attention_heads(layer).o] if "attention" in want else None)
         if "hidden" in want:
             reads = []
             for r in lay.reads:
@@ -386,7 +395,7 @@ def build_fast(dense: nn.Module, a: Allocation, st: DenseStats, plan: SearchPlan
         removed[st.hidden_order[: a.hidden]] = True
         sub = HiddenStats(reads=[st.hidden.reads[i] for i in kept], writers=[st.hidden.writers[i] for i in kept],
                           final=st.hidden.final)
-        shrink_scaled(model, residual_layout(dense), (~removed).nonzero().squeeze(1), sub)
+        shrink_scaled(model, st.layout, (~removed).nonzero().squeeze(1), sub)
     return model
 
 
