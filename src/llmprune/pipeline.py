@@ -393,6 +393,6 @@ def _windows(c: PruneConfig) -> list[tuple[str, int]]:
 
 KIND = JobKind(
     name="prune", config=PruneConfig, run=lambda c, progress: prune(config=c, progress=progress).report,
-    summary=summary, output="sparse", recipe_key="llmprune", reads=_reads, windows=_windows, layer_table=True,
+    summary=summary, output="sparse", reads=_reads, windows=_windows, layer_table=True,
     command="prune a model layer by layer with calibration data", from_flags=prune_config_from_flags,
     add_flags=add_prune_flags, saved_note="report: {out}/pruning.json; per-layer table: llmprune report {out}")

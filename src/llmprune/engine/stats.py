@@ -22,6 +22,8 @@ STATISTICS: dict[str, str] = {
 }
 # Accumulated as sums; col_sq comes from XᵀX's diagonal when both are needed.
 _SUMS = ("col_sq", "col_mean", "xtx")
+XTX = frozenset({"xtx"})  # what OSSCAR and the re-fits need
+NO_STATS: frozenset[str] = frozenset()  # a forward only (outputs, hooks of the caller)
 
 
 def check_needs(needs: frozenset[str]) -> None:

@@ -35,7 +35,6 @@ class JobKind:
     output: Output = "sparse"
     trains: bool = False  # a training loop: checkpoints in OUT.ckpt, --resume
     chain: bool = True  # usable as a stage of a chained recipe
-    recipe_key: str | None = None  # the top-level key of its recipe.yaml (default: its name)
     reads: Callable[[Any], dict[str, str]] = field(default=lambda c: {})
     files: Callable[[Any], dict[str, str]] = field(default=lambda c: {})
     windows: Callable[[Any], list[tuple[str, int]]] = field(default=lambda c: [])
@@ -46,8 +45,3 @@ class JobKind:
     from_flags: Callable[[dict], Any] | None = None
     add_flags: Callable[[Any], None] | None = None
     saved_note: str = "report: {out}/pruning.json"
-
-    @property
-    def masks(self) -> bool:
-        """Whether its output keeps a mask (``masks.npz``) for later stages and ``masks export``."""
-        return self.output == "sparse"

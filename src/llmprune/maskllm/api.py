@@ -6,7 +6,6 @@ Everything that can be refused is refused before the prior or the training start
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from torch import nn
 
 from llmprune.data.sources import Corpus
 from llmprune.errors import LLMPruneError
+from llmprune.jobs.header import peak_gpu_mb, peak_rss_mb
 from llmprune.maskllm.candidates import parse_nm
 from llmprune.maskllm.gumbel import NoiseSource, attach_masks, check_divisible, detach_masks
 from llmprune.maskllm.memory import check_train_memory
@@ -114,6 +114,5 @@ def maskllm(model: nn.Module, tokenizer, options: MaskLLMOptions | None = None, 
               "data": corpus.label, "world_size": acc.num_processes, "device": str(acc.device),
               "tokens": stream.state.windows * opts.seqlen, "prior_seconds": prior_s,
               "train_seconds": train_s, "final": log[-1] if log else None,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
+              "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
     return MaskLLMResult(model, keep, log, report)

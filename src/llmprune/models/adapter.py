@@ -107,6 +107,11 @@ def _is_moe_block(module: nn.Module) -> bool:
     return isinstance(getattr(module, "experts", None), nn.Module)
 
 
+def has_experts(module: nn.Module) -> bool:
+    """Whether ``module`` (a model or a layer) holds a mixture-of-experts block."""
+    return any(_is_moe_block(m) for m in module.modules())
+
+
 def _fused_experts(layer: nn.Module) -> dict[str, nn.Module]:
     """Fused expert modules (3D ``down_proj`` parameter) by their name within ``layer``."""
     return {name: m for name, m in layer.named_modules()
@@ -365,7 +370,7 @@ class MLPTriplet:
 
 def mlp_triplet(layer: nn.Module) -> MLPTriplet:
     """Gate/up (rows) and down (columns) of the layer's gated MLP, or a clear error."""
-    if any(_is_moe_block(m) for m in layer.modules()):
+    if has_experts(layer):
         raise LLMPruneError(f"{type(layer).__name__} is a mixture-of-experts layer: its MLPs are "
                             "per expert; width pruning of experts is not supported (--method experts removes whole experts)")
     lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}

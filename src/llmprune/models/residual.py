@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import decoder_layers, text_config
+from llmprune.models.adapter import decoder_layers, has_experts, text_config
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,6 @@ class ResidualLayout:
     writers: tuple[Writer, ...]  # within each decoder layer
     final: Read  # the final norm (by module name) and the LM head
     tied: bool  # the LM head is the embedding matrix
-
-
-def _is_moe(model: nn.Module) -> bool:
-    return any(isinstance(getattr(m, "experts", None), nn.Module) for m in model.modules())
 
 
 def _norm_candidates(module: nn.Module, d: int) -> dict[str, nn.Module]:
@@ -119,7 +115,7 @@ def residual_layout(model: nn.Module) -> ResidualLayout:
     d = getattr(config, "hidden_size", None)
     if not isinstance(d, int):
         raise LLMPruneError(f"{type(config).__name__} has no integer hidden_size to shrink")
-    if _is_moe(model):
+    if has_experts(model):
         raise LLMPruneError("hidden-size pruning of mixture-of-experts models is not supported (every router "
                             "and expert reads the residual stream); prune the experts or the MLP width instead")
     layers = decoder_layers(model)

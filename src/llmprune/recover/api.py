@@ -6,7 +6,6 @@ loss terms → task → the trainer → (LoRA) merge and re-mask. Everything tha
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from torch import nn
 
 from llmprune.data.sources import Corpus
 from llmprune.errors import LLMPruneError
+from llmprune.jobs.header import peak_gpu_mb, peak_rss_mb
 from llmprune.masks import MaskSet
 from llmprune.models.adapter import decoder_layers, masked_linears
 from llmprune.models.layers import context_length
@@ -172,8 +172,7 @@ def recover(model: nn.Module, tokenizer, options: RecoverOptions | None = None, 
               "masks": {"given": masks is not None, "sparsity": sparsity,
                         "nm": "{}:{}".format(*nm) if (nm := MaskSet(keep).nm()) else None},
               "trainable_params": sum(p.numel() for g in task.param_groups(opts.lr) for p in g["params"]),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
+              "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
     if plan is not None:
         report["distill"] = {"teacher": plan.name, "loss": opts.loss, "temperature": opts.kd_temperature,
                              "topk": opts.kd_topk or None, "hidden_weight": opts.kd_hidden_weight,

@@ -25,6 +25,7 @@ from llmprune.engine.blockwise import BlockTuner, BlockwiseOptions, summarize
 from llmprune.engine.capture import layer_output
 from llmprune.engine.memory import check_fits, estimate_bytes, rows_per_call
 from llmprune.engine.sequential import LayerWalk
+from llmprune.engine.stats import NO_STATS, XTX
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import MLPTriplet, decoder_layers, mlp_triplet, text_config
 from llmprune.models.layers import context_length
@@ -41,8 +42,6 @@ from llmprune.structured.shrink import (
     set_intermediate_size,
     shrink_mlp,
 )
-
-XTX = frozenset({"xtx"})
 
 
 @dataclass
@@ -179,7 +178,7 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     plan = plan_structured(model, options)
     blockwise = BlockwiseOptions.pick(options)
     if blockwise.enabled:  # its dense stream and tuning state, before any data is read
-        needs = XTX if plan.method == "osscar" else frozenset()
+        needs = XTX if plan.method == "osscar" else NO_STATS
         check_fits(estimate_bytes(model, options.nsamples, options.seqlen, needs, blockwise=blockwise), device,
                    "structured pruning with block-wise reconstruction",
                    f"lower --nsamples ({options.nsamples}), --seqlen ({options.seqlen}) or --recon-batch "

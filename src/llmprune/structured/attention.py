@@ -29,13 +29,11 @@ import torch
 from torch import nn
 
 from llmprune.engine.sequential import LayerWalk, run_layer
-from llmprune.engine.stats import LayerStats
+from llmprune.engine.stats import XTX, LayerStats
 from llmprune.errors import LLMPruneError
-from llmprune.models.adapter import AttentionHeads, attention_heads, decoder_layers, text_config
+from llmprune.models.adapter import AttentionHeads, attention_heads, text_config
 from llmprune.structured.osscar import osscar_prune
 from llmprune.structured.shrink import keep_columns, keep_rows
-
-XTX = frozenset({"xtx"})
 
 
 @dataclass(frozen=True)
@@ -62,17 +60,6 @@ def head_params(layer: nn.Module, info: AttentionHeads) -> tuple[int, int]:
     per_q = hd * (q.in_features + (q.bias is not None)) + hd * o.out_features
     per_kv = hd * (k.in_features + (k.bias is not None)) + hd * (v.in_features + (v.bias is not None))
     return per_q, per_kv
-
-
-def attention_params(model: nn.Module) -> int:
-    """Parameters of every layer's q/k/v/o (what ``--target attention`` ratios refer to)."""
-    out = 0
-    for layer in decoder_layers(model):
-        info = attention_heads(layer)
-        out += sum(layer.get_submodule(n).weight.numel() + (b.numel() if (b := layer.get_submodule(n).bias)
-                                                          is not None else 0)
-                   for n in (info.q, info.k, info.v, info.o))
-    return out
 
 
 def _expressible(heads: int, kv: int) -> str:

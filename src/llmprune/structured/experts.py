@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.sequential import LayerWalk
+from llmprune.engine.stats import NO_STATS
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import (
     MoEBlock,
@@ -56,7 +57,6 @@ from llmprune.models.loading import BUNDLED, cache_dir
 
 # Config attributes that hold the number of routed experts, as the families spell them.
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-NO_STATS = frozenset()
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,6 @@ class ExpertsPlan:
 
     moe: MoEConfig
     removed: int  # experts removed from every MoE layer
-    layers: list[int]  # indices of the decoder layers with MoE blocks
 
     @property
     def kept(self) -> int:
@@ -172,7 +171,7 @@ def plan_experts(model: nn.Module, ratio: float | None, param_ratio: float | Non
                                 "from every layer)")
         most = (moe.num_experts - moe.top_k) * n_blocks * per_expert / total_params
         removed = _check_kept(moe, removed, f"param_ratio {param_ratio:g}", f"--param-ratio ≤ {most:.3g}")
-    return ExpertsPlan(moe, removed, sorted(blocks))
+    return ExpertsPlan(moe, removed)
 
 
 # --- routing statistics -----------------------------------------------------------------------

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.sequential import LayerWalk
+from llmprune.engine.stats import NO_STATS
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import decoder_layers, text_config
 from llmprune.models.residual import ResidualLayout, residual_layout
@@ -64,8 +65,6 @@ from llmprune.structured.osscar import (
     shrunk,
 )
 from llmprune.structured.shrink import keep_columns, keep_rows
-
-NOSTATS = frozenset()
 
 
 @dataclass(frozen=True)
@@ -226,7 +225,7 @@ def collect_stats(model: nn.Module, ids: torch.Tensor, layout: ResidualLayout, p
         reads = [NormStats(layer.get_submodule(r.norm), select=True) for r in layout.reads]
         writers = {w.norm: NormStats(layer.get_submodule(w.norm)) for w in layout.writers if w.norm}
         try:
-            walk.collect(layer, NOSTATS, propagate=True)
+            walk.collect(layer, NO_STATS, propagate=True)
         finally:
             for s in [*reads, *writers.values()]:
                 s.remove()
@@ -399,7 +398,7 @@ def refit_and_shrink(model: nn.Module, ids: torch.Tensor, layout: ResidualLayout
         reads = [NormStats(layer.get_submodule(r.norm), keep) for r in layout.reads]
         wnorms = {w.norm: NormStats(layer.get_submodule(w.norm), keep, diag=True) for w in layout.writers if w.norm}
         try:
-            walk.collect(layer, NOSTATS, propagate=True)  # dense outputs feed the next layer
+            walk.collect(layer, NO_STATS, propagate=True)  # dense outputs feed the next layer
         finally:
             for s in [*reads, *wnorms.values()]:
                 s.remove()

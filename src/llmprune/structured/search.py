@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.engine.sequential import LayerWalk
+from llmprune.engine.stats import XTX
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import attention_heads, decoder_layers, mlp_triplet, text_config
 from llmprune.models.residual import ResidualLayout, residual_layout
@@ -59,7 +60,6 @@ from llmprune.structured.hidden import (
 from llmprune.structured.osscar import DTYPE, damped, greedy_remove, osscar_prune, refit, shrunk
 from llmprune.structured.shrink import drop_layers, set_intermediate_size, shrink_mlp
 
-XTX = frozenset({"xtx"})
 TOPK = 256
 TOLERANCE = 0.01  # an allocation may remove up to this share of all parameters more than asked
 MAX_LEVELS = 6  # levels scored alone per target (evenly spread; the others interpolated)

@@ -210,10 +210,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, task: TrainTask, stream: PackedStream, opts: TrainerOptions,
                  work_dir: str | Path | None = None, progress: bool = True, accelerator=None) -> None:
-        from accelerate import Accelerator
 
         self.model, self.task, self.stream, self.opts = model, task, stream, opts
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or accelerator_for()
         self.work_dir = Path(work_dir) if work_dir else None
         self.progress = progress
         self.step = 0
