@@ -157,7 +157,6 @@ def run_attention(model: nn.Module, ids: torch.Tensor, plan: HeadPlan, options, 
 
     walk = LayerWalk(model, ids, device, "osscar heads", progress)
     dense_in = walk.inps.clone() if options.dense_target else None
-    dense_out = torch.empty_like(dense_in) if options.dense_target else None
     per = plan.heads // plan.kv_heads
     buckets = torch.arange(plan.heads) // per if plan.unit == "heads" and per > 1 else None
     entries = []
@@ -166,10 +165,9 @@ def run_attention(model: nn.Module, ids: torch.Tensor, plan: HeadPlan, options, 
         info = attention_heads(layer)
         o = layer.get_submodule(info.o)
         target = {}
-        if options.dense_target:
+        if options.dense_target:  # the dense stream advances in place (rows are read before written)
             H, target["XtY"], target["YtY"] = paired_stats(layer, o, walk.inps, dense_in, walk.layer_kwargs[i],
-                                                           dense_out)
-            dense_in, dense_out = dense_out, dense_in
+                                                           dense_in)
         else:  # XᵀX of o_proj's input only (the other linears' statistics are not needed)
             stats = LayerStats({info.o: o}, XTX)
             try:
