@@ -52,6 +52,13 @@ class HeadPlan:
         """o_proj input columns per removed structure."""
         return self.head_dim * (self.heads // self.kv_heads if self.unit == "groups" else 1)
 
+    @classmethod
+    def removing(cls, unit: str, heads: int, kv_heads: int, head_dim: int, r: int) -> HeadPlan:
+        """``r`` whole KV groups (``groups``) or ``r`` query heads of every KV group (``heads``)."""
+        if unit == "groups":
+            return cls(unit, heads, kv_heads, head_dim, heads - r * (heads // kv_heads), kv_heads - r)
+        return cls(unit, heads, kv_heads, head_dim, heads - r * kv_heads, kv_heads)
+
 
 def head_params(layer: nn.Module, info: AttentionHeads) -> tuple[int, int]:
     """Parameters of one query head (its q rows and o columns) and of one KV head (k, v rows)."""
@@ -107,9 +114,7 @@ def plan_heads(model: nn.Module, layers: nn.ModuleList, ratio: float | None, par
         hint = (" (remove whole KV groups with --attention-unit groups)" if unit == "heads" and kv > 1 else "")
         raise LLMPruneError(f"{what} rounds to {r}: leaves no {unit_name.split(' (')[0]}{hint}; the config can "
                             f"express removing {can}")
-    if unit == "groups":
-        return HeadPlan(unit, heads, kv, hd, heads - r * per, kv - r)
-    return HeadPlan(unit, heads, kv, hd, heads - r * kv, kv)
+    return HeadPlan.removing(unit, heads, kv, hd, r)
 
 
 @torch.no_grad()

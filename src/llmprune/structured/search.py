@@ -142,11 +142,9 @@ class Shapes:
     outside_fixed: int = 0
 
     def count(self, a: Allocation) -> int:
-        per = self.heads // self.kv
-        unit, r = a.attention
-        heads, kv = (self.heads - r * self.kv, self.kv) if unit == "heads" else (self.heads - r * per, self.kv - r)
+        hp = HeadPlan.removing(a.attention[0], self.heads, self.kv, self.head_dim, a.attention[1])
         frac = {"d": (self.d - a.hidden) / self.d, "inter": (self.inter - a.mlp) / max(self.inter, 1),
-                "q": heads / self.heads, "kv": kv / self.kv, None: 1.0}
+                "q": hp.heads_after / self.heads, "kv": hp.kv_after / self.kv, None: 1.0}
         layer = sum(n * frac[x] * frac[y] for (x, y), n in self.per_layer.items())
         return round((self.layers - a.depth) * layer + self.outside_d * frac["d"] + self.outside_fixed)
 
@@ -377,7 +375,7 @@ def build_fast(dense: nn.Module, a: Allocation, st: DenseStats, plan: SearchPlan
             shrink_mlp(layer, trip, keep, refit(W, st.down[old], keep).T.float())
         unit, r = a.attention
         if r:
-            hp = _head_plan(sh, unit, r)
+            hp = HeadPlan.removing(unit, sh.heads, sh.kv, sh.head_dim, r)
             info = attention_heads(layer)
             per = sh.heads // sh.kv
             buckets = torch.arange(sh.heads) // per if unit == "heads" and per > 1 else None
@@ -388,7 +386,7 @@ def build_fast(dense: nn.Module, a: Allocation, st: DenseStats, plan: SearchPlan
     if a.mlp:
         set_intermediate_size(model, sh.inter - a.mlp)
     if a.attention[1]:
-        hp = _head_plan(sh, *a.attention)
+        hp = HeadPlan.removing(a.attention[0], sh.heads, sh.kv, sh.head_dim, a.attention[1])
         set_head_counts(model, hp.heads_after, hp.kv_after, hp.head_dim)
     if a.hidden:
         removed = torch.zeros(sh.d, dtype=torch.bool)
@@ -397,12 +395,6 @@ def build_fast(dense: nn.Module, a: Allocation, st: DenseStats, plan: SearchPlan
                           final=st.hidden.final)
         shrink_scaled(model, st.layout, (~removed).nonzero().squeeze(1), sub)
     return model
-
-
-def _head_plan(sh: Shapes, unit: str, r: int) -> HeadPlan:
-    if unit == "groups":
-        return HeadPlan("groups", sh.heads, sh.kv, sh.head_dim, sh.heads - r * (sh.heads // sh.kv), sh.kv - r)
-    return HeadPlan("heads", sh.heads, sh.kv, sh.head_dim, sh.heads - r * sh.kv, sh.kv)
 
 
 # --- the search ---------------------------------------------------------------------------------
@@ -501,7 +493,7 @@ def apply_allocation(model: nn.Module, ids: torch.Tensor, a: Allocation, st: Den
         hp = HiddenPlan(residual_layout(model), sh.d, sh.d - a.hidden)
         steps["hidden"] = _brief(run_hidden(model, ids, hp, options, device, progress))
     if a.attention[1]:
-        steps["attention"] = _brief(run_attention(model, ids, _head_plan(sh, *a.attention), options, device, progress))
+        steps["attention"] = _brief(run_attention(model, ids, HeadPlan.removing(a.attention[0], sh.heads, sh.kv, sh.head_dim, a.attention[1]), options, device, progress))
     if a.mlp:
         n = len(decoder_layers(model))
         sp = StructuredPlan("osscar", width=sh.inter - a.mlp, intermediate=sh.inter, n_layers=n)
