@@ -1,5 +1,7 @@
-"""``structured(model, tokenizer, config)``: OSSCAR width pruning, depth pruning or MoE expert
-removal (:mod:`llmprune.structured.experts`) of a loaded model, in place, with a report.
+"""``structured(model, tokenizer, config)``: OSSCAR on MLP channels or attention heads
+(:mod:`~llmprune.structured.attention`), hidden size (:mod:`~llmprune.structured.hidden`), depth,
+MoE expert removal (:mod:`~llmprune.structured.experts`) or a budget search
+(:mod:`~llmprune.structured.search`) of a loaded model, in place, with a report.
 
 Every check that needs only the options and the model (ratios, the MLP modules, the width
 after rounding, k against the layer count, the context length) runs before any calibration

@@ -17,8 +17,8 @@ one, exact when the rest is empty; it needs no vocab-sized teacher logits in mem
    order) with the RMS scale only, depth by the window of least angular distance (Gromov et al.). Every level of every
    target within the budget is built alone and scored: the **sensitivity curves**.
 3. **Allocations**: every combination of levels whose exact parameter count (shapes of the
-   pruned model, computed, not built) removes between ``P`` and ``P + 1 %`` of the parameters
-   is ranked by the sum of its targets' KL increases; the ``search_candidates`` best are built
+   pruned model, computed, not built) removes at least ``P`` of the parameters and at most 1 %
+   more than the closest such combination is ranked by the sum of its targets' KL increases; the ``search_candidates`` best are built
    (all targets together, still fast) and scored. The lowest measured KL wins.
 4. **Final**: the winner is applied with the full methods in order — depth, hidden (with its
    re-fit), OSSCAR heads, OSSCAR MLP — each on the calibration windows through the model as
