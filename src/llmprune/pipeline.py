@@ -182,17 +182,27 @@ def check_memory(model: nn.Module, config: PruneConfig, device: str, needs: froz
     return False
 
 
+def statistics_needed(config: PruneConfig, allocator=None) -> frozenset[str]:
+    """The calibration statistics the method, solver, refiner and layer allocation read."""
+    allocator = allocator if allocator is not None else make_allocator(config)
+    return required_stats(config.method, config.solver, config.recon_error, config.refine) | (
+        allocator.needs if allocator else frozenset())
+
+
+def _calibrates(config: PruneConfig, needs: frozenset[str]) -> bool:
+    """Whether a run reads calibration data: for statistics, or for block-wise reconstruction."""
+    return bool(needs) or BlockwiseOptions.pick(config).enabled
+
+
 def reads_data(job: PruneJob) -> bool:
-    """Whether the job runs calibration data: for statistics, or for block-wise reconstruction."""
-    return bool(job.needs) or job.config.reconstruct == "blockwise"
+    return _calibrates(job.config, job.needs)
 
 
 def validate(job: PruneJob) -> None:
     """Everything that can be checked before the model loads: options, data, device, output."""
     config = job.config.validate()
     job.allocator = make_allocator(config)
-    job.needs = required_stats(config.method, config.solver, config.recon_error, config.refine) | (
-        job.allocator.needs if job.allocator else frozenset())
+    job.needs = statistics_needed(config, job.allocator)
     job.needs_tokenizer = reads_data(job) and job.ids is None
     if job.ids is not None:
         if tuple(job.ids.shape) != (config.nsamples, config.seqlen):
@@ -382,9 +392,7 @@ def summary(report: dict) -> list[str]:
 
 
 def _reads(c: PruneConfig) -> dict[str, str]:
-    needs = required_stats(c.method, c.solver, c.recon_error, c.refine)
-    allocator = make_allocator(c)
-    return {"calib": c.calib} if needs or (allocator and allocator.needs) or c.reconstruct == "blockwise" else {}
+    return {"calib": c.calib} if _calibrates(c, statistics_needed(c)) else {}
 
 
 def _windows(c: PruneConfig) -> list[tuple[str, int]]:
