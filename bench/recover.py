@@ -50,8 +50,9 @@ from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.masks import MaskSet  # noqa: E402
 from llmprune.masks.checks import group_counts  # noqa: E402
 from llmprune.recover.api import merge_adapter, model_masks, recover, remask_result  # noqa: E402
-from llmprune.recover.distill import lineage_layer_map, read_report  # noqa: E402
+from llmprune.recover.distill import lineage_layer_map  # noqa: E402
 from llmprune.recover.job import input_report  # noqa: E402
+from llmprune.report import optional_report  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 sys.path.insert(0, str(OUT.parent))
@@ -161,7 +162,7 @@ def main() -> None:
             student, _ = llmprune.load_model(inputs[source], dtype="float32")
             if (input_report(inputs[source]) or {}).get("dense"):
                 masks = {n: torch.ones_like(m) for n, m in model_masks(student).items()}
-            report = read_report(inputs[source]) or {}
+            report = optional_report(inputs[source]) or {}
             if len(student.model.layers) != len(model.model.layers):
                 layer_map = lineage_layer_map([report], len(model.model.layers))
         else:

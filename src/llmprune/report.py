@@ -53,6 +53,13 @@ class ReportHeader(BaseModel):
     layers: list[dict[str, Any]] | None = None
 
 
+def optional_report(directory: str | Path) -> dict | None:
+    """The ``pruning.json`` of ``directory`` if it has one (None: no report there, e.g. a dense
+    model or a hub id); a damaged one is one line, as :func:`load_report` says."""
+    d = Path(directory).expanduser()
+    return load_report(d) if (d / REPORT_FILE).is_file() else None
+
+
 def unreadable(path: str | Path, e: BaseException) -> LLMPruneError:
     """The one line for a report whose fields are not what this llmprune wrote (edited by hand,
     or another version's): the field that failed, not a traceback."""

@@ -40,12 +40,11 @@ def _as_bool(name: str, value) -> torch.Tensor:
 def recorded_targets(directory: Path, n_layers: int) -> list[Target | None] | None:
     """The pattern each decoder layer was pruned to, as ``directory``'s ``pruning.json`` says
     (None: no report, or no N:M recorded)."""
-    from llmprune.export.save import REPORT_FILE
-    from llmprune.report import load_report
+    from llmprune.report import optional_report
 
-    if not (directory / REPORT_FILE).is_file():
+    report = optional_report(directory)
+    if report is None:
         return None
-    report = load_report(directory)
 
     def parse(t) -> Target | None:
         return Target.parse(t, None) if isinstance(t, str) and ":" in t else None

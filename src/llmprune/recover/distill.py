@@ -15,7 +15,6 @@ its layers each student layer is compared with — all decided before anything h
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,24 +22,12 @@ import torch
 from torch import nn
 
 from llmprune.errors import LLMPruneError
-from llmprune.export.save import REPORT_FILE
 from llmprune.models.adapter import decoder_layers, masked_linears, text_config
 from llmprune.models.loading import BUNDLED, load_config, model_source
 from llmprune.recover.options import RecoverOptions
+from llmprune.report import optional_report
 
 MAX_CHAIN = 32  # pruning.json links followed before giving up (a cycle, or a very long chain)
-
-
-def read_report(path: str | Path) -> dict | None:
-    """The ``pruning.json`` of a model directory, if it has a readable one."""
-    f = Path(path).expanduser() / REPORT_FILE
-    if not f.is_file():
-        return None
-    try:
-        r = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return None
-    return r if isinstance(r, dict) else None
 
 
 def recorded_input(report: dict) -> str | None:
@@ -62,7 +49,7 @@ def lineage(path: str) -> tuple[str | None, list[dict]]:
     seen: set[str] = set()
     here = path
     while len(reports) < MAX_CHAIN:
-        report = read_report(here) if here not in BUNDLED else None
+        report = optional_report(here) if here not in BUNDLED else None
         if report is None:
             return (here if reports else None), reports
         key = str(Path(here).expanduser().resolve())

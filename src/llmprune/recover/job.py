@@ -27,7 +27,7 @@ from pydantic import Field
 from llmprune.config import RunOptions
 from llmprune.data.sources import load_corpus
 from llmprune.eval.sparsity import measure_sparsity
-from llmprune.export.save import REPORT_FILE, report_kind, save_pruned
+from llmprune.export.save import report_kind, save_pruned
 from llmprune.jobs.context import (
     Job,
     check_run,
@@ -47,7 +47,7 @@ from llmprune.recover import distill, lora
 from llmprune.recover.api import merge_adapter, model_masks, pruned_nonzero, recover, remask_result
 from llmprune.recover.memory import check_recover_memory
 from llmprune.recover.options import RecoverOptions
-from llmprune.report import load_report
+from llmprune.report import optional_report
 from llmprune.train.trainer import check_resume_dir, checkpoint_dir
 
 LOG_FILE = "train_log.jsonl"
@@ -66,10 +66,9 @@ class RecoverConfig(RunOptions, RecoverOptions):
 def input_report(model: str) -> dict | None:
     """What the input directory's ``pruning.json`` says it is (kind, target, sparsity, and
     whether its decoder linears are dense: structured outputs have no mask), if any."""
-    path = Path(model).expanduser() / REPORT_FILE
-    if not path.is_file():
+    r = optional_report(model)
+    if r is None:
         return None
-    r = load_report(path)
     recipe = r.get("recipe") or {}
     kind = report_kind(r)
     structured = kind == "structured"
