@@ -52,7 +52,7 @@ from llmprune.jobs.header import header, resolved_recipe
 from llmprune.jobs.kind import JobKind
 from llmprune.masks import MaskSet
 from llmprune.masks.files import MASK_FILE, pack, write_bits
-from llmprune.masks.maskset import prunable_names
+from llmprune.masks.maskset import prunable_names, recorded_nm
 from llmprune.models.layers import context_length, decoder_layers, linear_layers
 from llmprune.models.loading import load_model
 from llmprune.report import allocation_plot, format_allocation, format_blockwise, format_recon
@@ -313,7 +313,7 @@ def keep_bits(job: PruneJob) -> dict[str, np.ndarray]:
     names = prunable_names(job.model)
     missing = [n for n in names if n not in bits]
     if missing:
-        targets = [Target.parse(L["target"], None) if ":" in L["target"] else None for L in job.layer_report]
+        targets = [recorded_nm(L["target"]) for L in job.layer_report]
         read = MaskSet.from_model(job.model, targets or None)
         bits.update({n: pack(read[n].numpy()) for n in missing})
     return {n: bits[n] for n in names}

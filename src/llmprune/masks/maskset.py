@@ -37,6 +37,11 @@ def _as_bool(name: str, value) -> torch.Tensor:
     return t
 
 
+def recorded_nm(target) -> Target | None:
+    """The N:M pattern a report records as a layer's ``target`` (``"2:4"``); None otherwise."""
+    return Target.parse(target, None) if isinstance(target, str) and ":" in target else None
+
+
 def recorded_targets(directory: Path, n_layers: int) -> list[Target | None] | None:
     """The pattern each decoder layer was pruned to, as ``directory``'s ``pruning.json`` says
     (None: no report, or no N:M recorded)."""
@@ -46,13 +51,10 @@ def recorded_targets(directory: Path, n_layers: int) -> list[Target | None] | No
     if report is None:
         return None
 
-    def parse(t) -> Target | None:
-        return Target.parse(t, None) if isinstance(t, str) and ":" in t else None
-
     layers = report.get("layers") or []
     if len(layers) == n_layers and all(isinstance(L, dict) and "target" in L for L in layers):
-        return [parse(L["target"]) for L in layers]
-    return [parse(report.get("target"))] * n_layers
+        return [recorded_nm(L["target"]) for L in layers]
+    return [recorded_nm(report.get("target"))] * n_layers
 
 
 class MaskSet(Mapping[str, torch.Tensor]):
