@@ -217,3 +217,34 @@ def test_bf16_models_have_a_layout_and_shrink(name):
     assert len(residual_layout(model).writers) == 2
     structured(model, ids=calib(4), method="hidden", ratio=0.25, round_to=8, nsamples=4, seqlen=SL, progress=False)
     assert model.config.hidden_size == 48 and next(model.parameters()).dtype == torch.bfloat16
+
+
+def nine_heads():
+    """SmolLM2's head layout (9 query heads, 3 KV heads) at a tiny size: Llama's config accepts
+    only hidden sizes that are multiples of 9."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=512, hidden_size=144, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=9, num_key_value_heads=3, head_dim=16,
+                               max_position_embeddings=256, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_a_hidden_size_the_config_refuses_is_one_line_with_the_nearest_it_accepts(monkeypatch):
+    model = nine_heads()
+    monkeypatch.setattr("llmprune.structured.api.load_corpus", lambda *a, **k: pytest.fail("data was read"))
+    with pytest.raises(LLMPruneError, match=r"hidden size 112 is not one LlamaConfig accepts \(.*multiple of the "
+                                            r"number of attention heads \(9\)\.?\); the nearest it accepts .*: 72"):
+        structured(model, config={"method": "hidden", "ratio": 0.25, "round_to": 8, "seqlen": SL}, progress=False)
+
+
+def test_the_search_only_picks_sizes_the_config_accepts(tmp_path):
+    model = nine_heads()
+    r = structured(model, ids=calib(8), method="search", param_ratio=0.25, targets="hidden,attention", round_to=8,
+                   nsamples=8, seqlen=SL, holdout=2, search_candidates=2, progress=False)
+    c = model.config
+    assert c.hidden_size % c.num_attention_heads == 0, (c.hidden_size, c.num_attention_heads)
+    hidden_levels = r.report["search"]["sensitivity"]["hidden"]
+    assert hidden_levels and all((144 - lv["amount"]) % 9 == 0 for lv in hidden_levels), hidden_levels
+    save_pruned(model, None, tmp_path / "s", r.report)  # transformers validates the config here

@@ -33,7 +33,7 @@ from llmprune.engine.stats import XTX, LayerStats
 from llmprune.errors import LLMPruneError
 from llmprune.models.adapter import AttentionHeads, attention_heads, text_config
 from llmprune.structured.osscar import osscar_prune
-from llmprune.structured.shrink import keep_columns, keep_rows
+from llmprune.structured.shrink import config_rejects, keep_columns, keep_rows
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,12 @@ def plan_heads(model: nn.Module, layers: nn.ModuleList, ratio: float | None, par
         hint = (" (remove whole KV groups with --attention-unit groups)" if unit == "heads" and kv > 1 else "")
         raise LLMPruneError(f"{what} rounds to {r}: leaves no {unit_name.split(' (')[0]}{hint}; the config can "
                             f"express removing {can}")
-    return HeadPlan.removing(unit, heads, kv, hd, r)
+    plan = HeadPlan.removing(unit, heads, kv, hd, r)
+    why = config_rejects(model, num_attention_heads=plan.heads_after, num_key_value_heads=plan.kv_after)
+    if why is not None:
+        raise LLMPruneError(f"{what}: {plan.heads_after} heads ({plan.kv_after} KV) is not a config "
+                            f"{type(text_config(model)).__name__} accepts ({why}); the config can express removing {can}")
+    return plan
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ from llmprune.structured.osscar import (
     objective,
     shrunk,
 )
-from llmprune.structured.shrink import keep_columns, keep_rows
+from llmprune.structured.shrink import config_rejects, keep_columns, keep_rows
 
 
 @dataclass(frozen=True)
@@ -99,16 +99,32 @@ def plan_hidden(model: nn.Module, ratio: float | None, param_ratio: float | None
     layout = residual_layout(model)
     d = layout.hidden
     if ratio is not None:
-        return HiddenPlan(layout, d, mlp_width(d, ratio, round_to, what="hidden channel"))
+        return _expressible(model, HiddenPlan(layout, d, mlp_width(d, ratio, round_to, what="hidden channel")),
+                            round_to)
     per = channel_params(model, layout)
     share = param_ratio * total_params / (per * d)
     if share >= 1:
         raise LLMPruneError(f"param_ratio {param_ratio:g} needs more than all {d} hidden channels "
                             f"(at most {per * d / total_params:.3f})")
     try:
-        return HiddenPlan(layout, d, mlp_width(d, share, round_to, what="hidden channel"))
+        plan = HiddenPlan(layout, d, mlp_width(d, share, round_to, what="hidden channel"))
     except LLMPruneError as e:
         raise LLMPruneError(f"param_ratio {param_ratio:g} is {share:.3g} of the hidden channels: {e}") from None
+    return _expressible(model, plan, round_to)
+
+
+def _expressible(model: nn.Module, plan: HiddenPlan, round_to: int) -> HiddenPlan:
+    """The plan, if the model's config accepts its hidden size; else one line naming the nearest
+    sizes it does accept (multiples of ``round_to``)."""
+    why = config_rejects(model, hidden_size=plan.kept)
+    if why is None:
+        return plan
+    ok = [w for w in range(round_to, plan.hidden, round_to) if config_rejects(model, hidden_size=w) is None]
+    near = sorted(ok, key=lambda w: abs(w - plan.kept))[:2]
+    hint = (f"the nearest it accepts (multiples of --round-to {round_to}): {' or '.join(map(str, sorted(near)))}"
+            if near else f"no multiple of --round-to {round_to} below {plan.hidden} is accepted")
+    raise LLMPruneError(f"hidden size {plan.kept} is not one {type(text_config(model)).__name__} accepts ({why}); "
+                        f"{hint}: choose --ratio / --param-ratio or --round-to to land there")
 
 
 # --- statistics ---------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ heads / channels go is chosen per layer); depth chooses *which* layers.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +60,12 @@ from llmprune.structured.hidden import (
     shrink_scaled,
 )
 from llmprune.structured.osscar import DTYPE, damped, greedy_remove, osscar_prune, refit, shrunk
-from llmprune.structured.shrink import drop_layers, set_intermediate_size, shrink_mlp
+from llmprune.structured.shrink import (
+    config_rejects,
+    drop_layers,
+    set_intermediate_size,
+    shrink_mlp,
+)
 
 TOPK = 256
 TOLERANCE = 0.01  # an allocation may remove up to this share of all parameters more than asked
@@ -208,15 +215,17 @@ class SearchPlan:
     allocations: list[Allocation]  # every combination that meets the budget (see allocations())
 
 
-def allocations(sh: Shapes, levels: dict[str, list[Allocation]], budget: float) -> list[Allocation]:
-    """Every combination of the targets' levels that removes at least ``budget`` of the
-    parameters and at most :data:`TOLERANCE` more than the closest such combination."""
+def allocations(sh: Shapes, levels: dict[str, list[Allocation]], budget: float,
+                accepts: Callable[[Allocation], bool] = lambda a: True) -> list[Allocation]:
+    """Every combination of the targets' levels that the config ``accepts`` and that removes at
+    least ``budget`` of the parameters and at most :data:`TOLERANCE` more than the closest such
+    combination."""
     total = sh.count(Allocation())
     found = []
     for choice in itertools.product(*[[None, *lv] for lv in levels.values()]):
         a = Allocation(**{t: getattr(c, t) for t, c in zip(levels, choice, strict=True) if c is not None})
         share = 1 - sh.count(a) / total
-        if share >= budget:
+        if share >= budget and accepts(a):
             found.append((share, a))
     if not found:
         return []
@@ -237,6 +246,18 @@ def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: i
                             f"(--nsamples {nsamples}); use fewer held-out windows or more samples")
     sh = shapes(model, targets)  # errors name a target's missing MLP / attention / residual layout
     total = sh.count(Allocation())
+
+    @functools.cache
+    def config_ok(hidden: int, heads: int, kv: int) -> bool:  # e.g. Llama: hidden_size % heads == 0
+        changes = {"hidden_size": sh.d - hidden} if "hidden" in targets else {}
+        if "attention" in targets:
+            changes.update(num_attention_heads=heads, num_key_value_heads=kv)
+        return not changes or config_rejects(model, **changes) is None
+
+    def accepts(a: Allocation) -> bool:
+        hp = HeadPlan.removing(a.attention[0], sh.heads, sh.kv, sh.head_dim, a.attention[1])
+        return config_ok(a.hidden, hp.heads_after, hp.kv_after)
+
     levels: dict[str, list[Allocation]] = {}
     for t in targets:
         if t == "mlp":
@@ -250,9 +271,10 @@ def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: i
             cands = [_alone(t, ("heads", r)) for r in range(1, per)] if per > 1 else []
             cands += [_alone(t, ("groups", r)) for r in range(1, sh.kv)]
         # a level alone may go past the budget by the tolerance; beyond, no allocation can use it
+        cands = [a for a in cands if accepts(a)]
         fits = [a for a in cands if 1 - sh.count(a) / total <= budget + TOLERANCE]
         levels[t] = fits + [a for a in cands if a not in fits][:1]  # and the first past it
-    found = allocations(sh, levels, budget)
+    found = allocations(sh, levels, budget, accepts)
     if not found:
         best = Allocation(**{t: getattr(lv[-1], t) for t, lv in levels.items() if lv})
         raise LLMPruneError(f"param_ratio {budget:g} is more than --targets {','.join(targets)} can remove "

@@ -11,6 +11,7 @@ Depth removal returns an *undo* so the window search can try a block and put it 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -38,6 +39,24 @@ def _set_weight(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
     if lin.bias is not None:
         lin.bias = nn.Parameter(bias.to(device=w.device, dtype=lin.bias.dtype).contiguous(), requires_grad=False)
     lin.out_features, lin.in_features = lin.weight.shape
+
+
+def config_rejects(model: nn.Module, **changes) -> str | None:
+    """Why transformers would refuse the model's config with ``changes`` (e.g. ``hidden_size``,
+    ``num_attention_heads``) — Llama's requires hidden_size to be a multiple of the head count —
+    or None. Checked before any work: a saved directory must load again."""
+    config = copy.deepcopy(text_config(model))
+    if getattr(config, "head_dim", None) is None and isinstance(getattr(config, "num_attention_heads", None), int):
+        config.head_dim = config.hidden_size // config.num_attention_heads  # what every shrink writes
+    try:
+        for k, v in changes.items():
+            setattr(config, k, v)
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception as e:  # transformers' validators raise their own types
+        lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+        return lines[-1] if lines else type(e).__name__
+    return None
 
 
 def keep_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
