@@ -26,6 +26,8 @@ def test_structured_cli_saves_a_smaller_model(tiny_dirs, tmp_path, capsys, args,
     report = json.loads((out / "pruning.json").read_text())
     assert report["params"]["after"] < report["params"]["before"] and report["ppl"]["after"]
     assert {"load_s", "measure_before_s", "prune_s", "save_s", "measure_after_s"} <= set(report["timings"])
+    # the header describes the input as it was loaded, not the smaller result
+    assert report["model"]["layers"] == 2 and report["model"]["params"] == report["params"]["before"]
     AutoModelForCausalLM.from_pretrained(out)  # plain transformers
     assert report["options"]["greedy"] == ("--no-greedy" not in args)
 

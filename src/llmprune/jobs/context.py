@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,7 @@ class Job:
     data_files: list[str] = field(default_factory=list)  # what the job reads besides the model
     needs_tokenizer: bool = True
     extra: dict = field(default_factory=dict)
+    input_model: dict | None = None  # the report's `model`: the input as loaded, before any change
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
@@ -96,6 +98,19 @@ def load(job: Job) -> None:
         job.model, job.tokenizer = load_model(
             config.model, device=job.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
             need_tokenizer=job.needs_tokenizer or bool(config.ppl or config.tasks))
+    job.input_model = model_info(config.model, job.model)
+
+
+def model_info(name: str, model: nn.Module) -> dict[str, Any]:
+    """What the header says of the model: the name it was given by, its class, layers, parameters."""
+    from llmprune.models.layers import decoder_layers
+
+    try:
+        layers = len(decoder_layers(model))
+    except Exception:  # noqa: BLE001 -- a model the adapter does not know still gets a header
+        layers = None
+    return {"name": name, "class": type(model).__name__, "layers": layers,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def evaluate_stage(when: str) -> Callable[[Job], None]:

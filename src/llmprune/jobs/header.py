@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llmprune.config import NOT_IN_RECIPE
-from llmprune.jobs.context import Job
+from llmprune.jobs.context import Job, model_info
 
 HEADER_KEYS = ("kind", "versions", "recipe", "model", "device", "timings", "ppl", "peak_rss_mb", "peak_gpu_mb")
 
@@ -40,18 +40,6 @@ def peak_gpu_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-def model_info(name: str, model: nn.Module) -> dict[str, Any]:
-    """What the header says of the model: the name it was given by, its class, layers, parameters."""
-    from llmprune.models.layers import decoder_layers
-
-    try:
-        layers = len(decoder_layers(model))
-    except Exception:  # noqa: BLE001 -- a model the adapter does not know still gets a header
-        layers = None
-    return {"name": name, "class": type(model).__name__, "layers": layers,
-            "params": sum(p.numel() for p in model.parameters())}
-
-
 def resolved_recipe(job: Job, **decided: Any) -> dict[str, Any]:
     """The job's config as it ran, without where it wrote: what ``auto`` chose (``device``, the
     model's ``dtype``) and whatever else the run ``decided`` written in, so a saved recipe
@@ -70,7 +58,7 @@ def header(job: Job, recipe: dict | None = None) -> dict[str, Any]:
     config = job.config
     out = {"kind": job.kind, "versions": versions(),
            "recipe": recipe if recipe is not None else resolved_recipe(job),
-           "model": model_info(config.model, job.model), "device": str(job.device)}
+           "model": job.input_model or model_info(config.model, job.model), "device": str(job.device)}
     finish_header(job, out)
     return out
 

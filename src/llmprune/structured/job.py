@@ -20,6 +20,7 @@ from llmprune.data.calibration import calibration_windows
 from llmprune.data.sources import load_corpus
 from llmprune.export.save import save_pruned
 from llmprune.jobs.context import (
+    SKIPPED,
     Job,
     check_run,
     evaluate_stage,
@@ -72,8 +73,9 @@ def measure_stage(when: str):
     after pruning also the decode and prefill speed-ups."""
     ppl = evaluate_stage(when)
 
-    def measure(job: Job) -> None:
-        ppl(job)
+    def measure(job: Job) -> str | None:
+        if ppl(job) == SKIPPED and not job.config.speed:
+            return SKIPPED
         if job.config.speed:
             speed = job.extra.setdefault("speed", {})
             speed[when] = measure_speed(job.model)
