@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.engine.sequential import LayerPlan, run_sequential  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.eval.sparsity import measure_sparsity  # noqa: E402
+from llmprune.jobs.header import versions  # noqa: E402
 from llmprune.models.layers import decoder_layers  # noqa: E402
 from llmprune.sparsity.admm import ADMMOptions  # noqa: E402
 from llmprune.sparsity.patterns import Target  # noqa: E402
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {ADMMOptions: admm}
     result: dict = {
         "config": {**vars(args), "calib": "c4"}, "device": torch.cuda.get_device_name() if device == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)", "versions": {
-            "llmprune": llmprune.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        else f"cpu ({torch.get_num_threads()} threads)", "versions": versions(),
         "load_s": load_s, "runs": runs, "settings": settings, "results": {},
     }
     out = Path(args.out)

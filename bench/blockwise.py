@@ -44,6 +44,7 @@ from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.engine.blockwise import BlockwiseOptions  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
+from llmprune.jobs.header import versions  # noqa: E402
 from llmprune.masks import MaskSet  # noqa: E402
 from llmprune.masks.checks import group_counts  # noqa: E402
 from llmprune.structured.api import structured  # noqa: E402
@@ -112,7 +113,7 @@ def main() -> None:
     if result.get("protocol") != protocol:
         result = {"protocol": protocol, "rows": {}}
     result.update(threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-                  versions={"torch": torch.__version__, "python": platform.python_version()})
+                  versions=versions())
     if "dense" not in result:
         result["dense"] = ppl(model)
     print(f"dense PPL {result['dense']:.2f}", flush=True)

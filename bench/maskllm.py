@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -41,6 +40,7 @@ import llmprune  # noqa: E402
 from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
+from llmprune.jobs.header import versions  # noqa: E402
 from llmprune.maskllm import MaskLLMOptions, maskllm  # noqa: E402
 from llmprune.masks import MaskSet  # noqa: E402
 
@@ -163,7 +163,7 @@ def main() -> None:
         print(f"{out} holds another protocol; remove it or pass --out", file=sys.stderr)
         sys.exit(2)
     result.update(protocol=protocol, threads=torch.get_num_threads(), device=args.device,
-                  versions={"torch": torch.__version__, "python": platform.python_version()})
+                  versions=versions())
     result.setdefault("runs", {})
     result.setdefault("oneshot", {})
     model, tok = llmprune.load_model(args.model, dtype="float32")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -47,6 +46,7 @@ import llmprune  # noqa: E402
 from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
+from llmprune.jobs.header import versions  # noqa: E402
 from llmprune.masks import MaskSet  # noqa: E402
 from llmprune.masks.checks import group_counts  # noqa: E402
 from llmprune.recover.api import merge_adapter, model_masks, recover, remask_result  # noqa: E402
@@ -153,7 +153,7 @@ def main() -> None:
     same_eval = all(result.get("protocol", {}).get(k) == getattr(args, k) for k in ("ppl_seqlen", "max_windows"))
     result.update(protocol={k: v for k, v in vars(args).items() if k != "out"},
                   threads=torch.get_num_threads(),
-                  versions={"torch": torch.__version__, "python": platform.python_version()},
+                  versions=versions(),
                   dense=result["dense"] if same_eval and "dense" in result else ppl(model))
     print(f"dense PPL {result['dense']:.2f}", flush=True)
     for source in args.sources.split(","):

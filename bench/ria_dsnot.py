@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.engine.sequential import LayerPlan, run_sequential  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.eval.sparsity import measure_sparsity  # noqa: E402
+from llmprune.jobs.header import versions  # noqa: E402
 from llmprune.models.layers import decoder_layers  # noqa: E402
 from llmprune.sparsity.dsnot import DSnoTOptions  # noqa: E402
 
@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "config": {**vars(args), "calib": "c4", "mode": "exact"},
         "device": f"cpu ({torch.get_num_threads()} threads)",
-        "versions": {"llmprune": llmprune.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": versions(),
         "load_s": load_s, "results": {},
     }
     out = Path(args.out)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from llmprune.engine.memory import return_big_frees_to_os  # noqa: E402
 from llmprune.engine.stats import LayerStats  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.eval.sparsity import measure_sparsity  # noqa: E402
+from llmprune.jobs.header import versions  # noqa: E402
 from llmprune.models.adapter import per_expert_linears  # noqa: E402
 from llmprune.models.layers import decoder_layers, linear_layers  # noqa: E402
 from llmprune.sparsity.methods import required_stats  # noqa: E402
@@ -413,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "config": {**vars(args), "calib": "c4"},
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
-        "versions": {"llmprune": llmprune.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": versions(),
         "floor": {}, "runs": [],
     }
     llmc_skip = ("--layers set" if args.layers else "disabled" if not args.llmc

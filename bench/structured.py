@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ import llmprune  # noqa: E402
 from llmprune.data.sources import load_corpus  # noqa: E402
 from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
+from llmprune.jobs.header import versions  # noqa: E402
 from llmprune.models.layers import decoder_layers  # noqa: E402
 from llmprune.structured import structured  # noqa: E402
 from llmprune.structured.api import count_params  # noqa: E402
@@ -218,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     test_ids = eval_token_stream(load_corpus("wikitext2", "test"), tok, args.ppl_seqlen)
     result: dict = {
         "config": vars(args), "device": f"cpu ({torch.get_num_threads()} threads)",
-        "versions": {"llmprune": llmprune.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": versions(),
         "load_s": load_s, "results": {},
     }
     out = Path(args.out)

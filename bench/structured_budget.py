@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from llmprune.data.tokens import eval_token_stream  # noqa: E402
 from llmprune.errors import LLMPruneError  # noqa: E402
 from llmprune.eval.perplexity import perplexity  # noqa: E402
 from llmprune.export.save import save_pruned  # noqa: E402
+from llmprune.jobs.header import versions  # noqa: E402
 from llmprune.structured import structured  # noqa: E402
 from llmprune.structured.api import count_params  # noqa: E402
 from llmprune.structured.speed import measure_speed  # noqa: E402
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = calibration_ids(tok, args.nsamples, args.seqlen, args.seed)
     test_ids = eval_token_stream(load_corpus("wikitext2", "test"), tok, args.ppl_seqlen)
     result: dict = {"config": vars(args), "device": f"cpu ({torch.get_num_threads()} threads)",
-                    "versions": {"llmprune": llmprune.__version__, "torch": torch.__version__,
-                                 "python": platform.python_version()}, "results": {}}
+                    "versions": versions(), "results": {}}
     out = Path(args.out)
     resume_results(out, result, PROTOCOL_KEYS, args.fresh)
 
