@@ -14,8 +14,11 @@ before each pruned one.
   = 33 %, two query heads per group = 50 %).
 - **budget** (table B): −10 / −20 / −30 % of *all* parameters: ``--method search`` over
   mlp, attention, hidden and depth against each single target at the same budget
-  (``--param-ratio``, widths multiples of ``--single-round-to`` = 8 so that each lands close to
-  it; depth by the angular score; attention alone only where expressible).
+  (``--param-ratio``; MLP widths multiples of ``--round-to`` as the search's, so the search's
+  MLP-alone allocation is the same model; hidden widths multiples of ``--single-round-to`` = 9,
+  the sizes SmolLM2's 9 heads allow; depth by the angular score; attention alone only where
+  expressible). The search's ``--holdout`` windows are drawn after the ``nsamples`` (same
+  seed), so every run calibrates on the same windows.
 
 Results merge into ``bench/out/structured_budget.json`` after every run (keyed by name), so an
 interrupted invocation keeps what it did; the Markdown tables (``.md``, also printed) are
@@ -75,7 +78,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
         for p in [float(x) for x in args.budgets.split(",")]:
             out.append(("budget", f"search@{p:g}", dict(method="search", param_ratio=p, round_to=args.round_to,
                                                          holdout=args.holdout)))
-            out.append(("budget", f"mlp@{p:g}", dict(method="osscar", param_ratio=p, round_to=args.single_round_to)))
+            out.append(("budget", f"mlp@{p:g}", dict(method="osscar", param_ratio=p, round_to=args.round_to)))
             out.append(("budget", f"hidden@{p:g}", dict(method="hidden", param_ratio=p,
                                                          round_to=args.single_round_to)))
             out.append(("budget", f"depth@{p:g}", dict(method="depth", param_ratio=p, score="angular")))
@@ -109,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=int, default=4, help="search: held-out calibration windows")
     p.add_argument("--round-to", type=int, default=32, help="widths in table A and the search's levels")
-    p.add_argument("--single-round-to", type=int, default=8, help="widths of the single targets in table B")
+    p.add_argument("--single-round-to", type=int, default=9,
+                   help="hidden widths of the hidden-only runs in table B (Llama needs a multiple of the 9 heads)")
     p.add_argument("--ppl-seqlen", type=int, default=1024)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -184,9 +188,11 @@ def markdown(result: dict) -> str:
             if r and "error" not in r:
                 s = r["report"]["search"]
                 t = s["timings"]
+                finals = "; ".join(f"{f['allocation']}: fast {f['kl_fast']:.4f}, full {f['kl_final']:.4f}"
+                                   for f in s.get("finals", []))
                 lines.append(f"- search −{100 * p:.0f} %: {s['chosen']}; {s['allocations_in_budget']} allocations in "
                              f"the budget, {t['builds_scored']} fast builds scored on {s['holdout_windows']} held-out "
-                             f"windows (KL fast {s['kl']['fast_estimate']:.4f}, final {s['kl']['final']:.4f}); "
+                             f"windows; finals (held-out KL) {finals or s['kl']}; "
                              f"search {t['total_s'] - t['final_s']:.0f} s + final pruning {t['final_s']:.0f} s.")
     targets = [k for k in res if "/" in k]
     if targets:
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dense_model, tok = llmprune.load_model(args.model, device="cpu", dtype="float32")
-    ids = calibration_ids(tok, args.nsamples, args.seqlen, args.seed)
+    # the search's held-out windows come after the nsamples (same seed): every run calibrates on the same ones
+    ids = calibration_ids(tok, args.nsamples + args.holdout, args.seqlen, args.seed)
     test_ids = eval_token_stream(load_corpus("wikitext2", "test"), tok, args.ppl_seqlen)
     result: dict = {"config": vars(args), "device": f"cpu ({torch.get_num_threads()} threads)",
                     "versions": versions(), "results": {}}
@@ -254,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         model = copy.deepcopy(dense_model)
         t0 = time.perf_counter()
         try:
+            run_ids = ids if opts["method"] == "search" else ids[: args.nsamples]
             rep = structured(model, tok, dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, **opts),
-                             ids=ids, progress=False).report
+                             ids=run_ids, progress=False).report
         except LLMPruneError as e:  # a budget a single target cannot express: a row that says so
             result["results"][name] = {"table": table, "options": opts, "error": str(e)}
             print(f"{name:<28} not expressible: {e}", flush=True)

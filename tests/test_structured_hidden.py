@@ -173,11 +173,11 @@ def test_saved_models_reload_in_plain_transformers(tmp_path):
         "hidden_gemma2": (model_of("gemma2"), dict(method="hidden", ratio=0.25, round_to=8)),
         "hidden_qwen2": (model_of("qwen2"), dict(method="hidden", ratio=0.25, round_to=8)),
         "search_llama": (model_of("llama", layers=3), dict(method="search", param_ratio=0.3, round_to=32,
-                                                          holdout=2, search_candidates=2)),
+                                                          nsamples=8, holdout=2, search_candidates=2)),
     }
     saved = {}
     for name, (model, opts) in cases.items():
-        r = structured(model, ids=ids, nsamples=10, seqlen=SL, progress=False, **opts)
+        r = structured(model, ids=ids, seqlen=SL, progress=False, **{"nsamples": 10, **opts})
         save_pruned(model, None, tmp_path / name, r.report)
         saved[name] = (model, tmp_path / name)
     config = assert_reloads_in_plain_transformers(saved, ids, tmp_path)
@@ -242,7 +242,7 @@ def test_a_hidden_size_the_config_refuses_is_one_line_with_the_nearest_it_accept
 def test_the_search_only_picks_sizes_the_config_accepts(tmp_path):
     model = nine_heads()
     r = structured(model, ids=calib(8), method="search", param_ratio=0.25, targets="hidden,attention", round_to=8,
-                   nsamples=8, seqlen=SL, holdout=2, search_candidates=2, progress=False)
+                   nsamples=6, seqlen=SL, holdout=2, search_candidates=2, progress=False)
     c = model.config
     assert c.hidden_size % c.num_attention_heads == 0, (c.hidden_size, c.num_attention_heads)
     hidden_levels = r.report["search"]["sensitivity"]["hidden"]

@@ -4,6 +4,7 @@ errors, a whole search on tiny models, and the new choices through the command l
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from llmprune.structured.search import (
     dense_stats,
     plan_search,
     shapes,
+    targets_of,
 )
 
 SL = 32
@@ -41,7 +43,7 @@ def test_shape_counts_are_the_pruned_models_parameters(name):
     sh = shapes(dense, ["mlp", "attention", "hidden", "depth"])
     assert sh.count(Allocation()) == sum(p.numel() for p in dense.parameters())
     opts = StructuredOptions(method="search", param_ratio=0.5, round_to=16, nsamples=6, seqlen=SL)
-    plan = plan_search(dense, 0.5, ["mlp", "attention", "hidden", "depth"], 16, 2, 6)
+    plan = plan_search(dense, 0.5, ["mlp", "attention", "hidden", "depth"], 16)
     st = dense_stats(dense, calib(4), plan, opts, "cpu", False)
     for a in [Allocation(mlp=32), Allocation(attention=("groups", 1), hidden=16),
               Allocation(mlp=16, attention=("heads", 1), hidden=32, depth=1), Allocation(depth=2, hidden=16)]:
@@ -67,32 +69,44 @@ def test_teacher_kl():
     assert 0 < kl <= exact + 1e-9  # a coarsening never adds divergence
 
 
-def test_allocations_meet_the_budget_with_the_least_overshoot():
+def test_allocations_are_within_the_tolerance_and_the_filler_is_nearest():
     model = tiny_model("llama", layers=4)
-    plan = plan_search(model, 0.3, ["mlp", "attention", "hidden", "depth"], 8, 2, 8)
+    plan = plan_search(model, 0.3, ["mlp", "attention", "hidden", "depth"], 8)
     sh = plan.shapes
     total = sh.count(Allocation())
-    shares = [1 - sh.count(a) / total for a in plan.allocations]
-    assert shares and min(shares) >= 0.3 and max(shares) <= min(shares) + TOLERANCE + 1e-12
-    assert {t for a in plan.allocations for t in ("mlp", "hidden", "depth") if getattr(a, t)} == {"mlp", "hidden",
-                                                                                                   "depth"}
+
+    def gap(a: Allocation) -> float:
+        return abs(1 - sh.count(a) / total - 0.3)
+
+    assert plan.allocations and all(gap(a) <= TOLERANCE for a in plan.allocations)
+    assert {t for a in plan.allocations for t in targets_of(a)} == {"mlp", "attention", "hidden", "depth"}
+    # the filler (the MLP: most levels) is the nearest of its levels for the rest of the allocation
+    step = 8
+    for a in plan.allocations:
+        for other in (a.mlp - step, a.mlp + step):
+            if 0 <= other < sh.inter:
+                assert gap(a) <= gap(replace(a, mlp=other)) + 1e-12, a
+    # a single target alone is among them where it can reach the budget: the MLP, as --param-ratio would cut it
+    fine = plan_search(model, 0.1, ["mlp", "attention", "hidden", "depth"], 4)
+    assert any(targets_of(a) == ["mlp"] for a in fine.allocations), fine.allocations
 
 
 def test_search_on_a_tiny_model():
     model = tiny_model("llama", layers=3)
     before = sum(p.numel() for p in model.parameters())
-    ids = calib(8)
+    ids = calib(10)
     r = structured(model, ids=ids, method="search", param_ratio=0.3, round_to=16, nsamples=8, seqlen=SL, holdout=2,
                    search_candidates=3, progress=False)
     s = r.report["search"]
     after = sum(p.numel() for p in model.parameters())
     assert r.report["params"]["after"] == after
-    assert 1 - after / before == pytest.approx(s["predicted_removed_share"], abs=1e-12) and after <= 0.7 * before
-    assert 1 <= len(s["candidates"]) <= 3 and s["allocations_in_budget"] >= len(s["candidates"])
-    assert min(c["kl"] for c in s["candidates"]) == s["kl"]["fast_estimate"]
-    assert s["kl"]["final"] >= 0 and s["timings"]["builds_scored"] >= len(s["candidates"])
+    assert 1 - after / before == pytest.approx(s["predicted_removed_share"], abs=1e-12)
+    assert s["allocations_in_budget"] >= len(s["candidates"]) >= 1
+    assert s["timings"]["builds_scored"] >= len(s["candidates"])
+    # the finals: the best single target and the best mix by the fast KL; the winner has the least final KL
+    assert 1 <= len(s["finals"]) <= 2 and s["kl"]["final"] == min(f["kl_final"] for f in s["finals"]) >= 0
     assert set(s["sensitivity"]) <= {"mlp", "attention", "hidden", "depth"}
-    assert s["holdout_windows"] == 2 and s["statistics_windows"] == 6
+    assert s["holdout_windows"] == 2 and s["statistics_windows"] == 8
     assert torch.isfinite(model(ids[:1]).logits).all()
     json.dumps(r.report)
 
@@ -103,15 +117,14 @@ def test_search_needs_only_the_modules_of_its_targets(name, targets):
     do not touch them still search, and the counts are exact."""
     model = model_of(name)
     before = sum(p.numel() for p in model.parameters())
-    r = structured(model, ids=calib(8), method="search", param_ratio=0.2, targets=targets, round_to=16, nsamples=8,
+    r = structured(model, ids=calib(10), method="search", param_ratio=0.2, targets=targets, round_to=16, nsamples=8,
                    seqlen=SL, holdout=2, search_candidates=2, progress=False)
     after = sum(p.numel() for p in model.parameters())
-    assert r.report["params"]["after"] == after and after <= 0.8 * before
+    assert r.report["params"]["after"] == after and after < before
     assert 1 - after / before == pytest.approx(r.report["search"]["predicted_removed_share"], abs=1e-12)
 
 
 @pytest.mark.parametrize(("opts", "msg"), [
-    (dict(param_ratio=0.2, holdout=8, nsamples=8), "--holdout 8 leaves no calibration window"),
     (dict(param_ratio=0.5, targets="attention"), "more than --targets attention can remove"),
     (dict(), "--method search needs --param-ratio"),
     (dict(ratio=0.2), "--ratio does not apply to --method search"),

@@ -135,8 +135,7 @@ def plan_structured(model: nn.Module, options: StructuredOptions) -> StructuredP
                            count_params(model))
         return StructuredPlan("osscar", heads=heads, n_layers=len(layers))
     if options.method == "search":
-        search = plan_search(model, options.param_ratio, options.targets, options.round_to, options.holdout,
-                             options.nsamples)
+        search = plan_search(model, options.param_ratio, options.targets, options.round_to)
         return StructuredPlan("search", search=search, n_layers=len(layers))
     if options.method == "hidden":
         hidden = plan_hidden(model, options.ratio, options.param_ratio, options.round_to, count_params(model))
@@ -159,11 +158,12 @@ def _options(config: StructuredOptions | dict | None, overrides: dict) -> Struct
 
 
 def calibration_ids(tokenizer, options: StructuredOptions) -> torch.Tensor:
-    """``(nsamples, seqlen)`` windows of ``options.calib``, as ``prune`` draws them."""
+    """``(windows, seqlen)`` windows of ``options.calib``, as ``prune`` draws them (the search's
+    held-out windows after the ``nsamples``)."""
     if tokenizer is None:
         raise LLMPruneError("calibration needs the model's tokenizer: pass tokenizer= (or ids=)")
     corpus = load_corpus(options.calib, "train")
-    return calibration_windows(corpus, tokenizer, options.nsamples, options.seqlen, options.seed)
+    return calibration_windows(corpus, tokenizer, options.windows, options.seqlen, options.seed)
 
 
 def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dict | None = None, *,
@@ -172,7 +172,8 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     """Prune ``model`` in place as ``config`` (options, or a dict, plus keyword ``overrides``)
     says; returns the model and the report.
 
-    ``ids``: ready ``(nsamples, seqlen)`` calibration windows (e.g. shared by a benchmark's
+    ``ids``: ready ``(windows, seqlen)`` calibration windows (``nsamples``, plus ``holdout`` for
+    the search) (e.g. shared by a benchmark's
     runs); without them they are drawn from ``config.calib`` with ``tokenizer``.
     ``device``: where each layer (OSSCAR) or the forward passes (depth) run.
     """
@@ -185,9 +186,10 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
                    "structured pruning with block-wise reconstruction",
                    f"lower --nsamples ({options.nsamples}), --seqlen ({options.seqlen}) or --recon-batch "
                    f"({options.recon_batch})")
-    if ids is not None and tuple(ids.shape) != (options.nsamples, options.seqlen):
+    if ids is not None and tuple(ids.shape) != (options.windows, options.seqlen):
+        held = f" + holdout={options.holdout}" if options.method == "search" else ""
         raise LLMPruneError(f"ids has shape {tuple(ids.shape)}, but the options say "
-                            f"nsamples={options.nsamples}, seqlen={options.seqlen}")
+                            f"nsamples={options.nsamples}{held}, seqlen={options.seqlen}")
     t0 = time.perf_counter()
     if ids is None:
         ids = calibration_ids(tokenizer, options)

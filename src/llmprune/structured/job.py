@@ -64,7 +64,7 @@ def plan(job: Job) -> None:
 def calibrate(job: Job) -> None:
     config = job.config
     if job.ids is None:
-        job.ids = calibration_windows(job.corpus, job.tokenizer, config.nsamples, config.seqlen, config.seed)
+        job.ids = calibration_windows(job.corpus, job.tokenizer, config.windows, config.seqlen, config.seed)
         job.corpus = None
 
 

@@ -76,8 +76,9 @@ class StructuredOptions(Recipe, BlockwiseOptions):
     targets: CommaList = Field(["mlp", "attention", "hidden", "depth"],
                                description="search: the targets the budget is split over (comma-separated "
                                            "subset of mlp,attention,hidden,depth)")
-    holdout: PositiveInt = Field(4, description="search: calibration windows held out of the statistics to "
-                                                "score candidate allocations on (KL to the dense model)")
+    holdout: PositiveInt = Field(4, description="search: calibration windows drawn after the nsamples ones, "
+                                                "held out of the statistics to score allocations on (KL to the "
+                                                "dense model)")
     search_candidates: PositiveInt = Field(6, description="search: joint allocations built and scored after "
                                                           "the per-target sensitivity curves")
     expert_score: Literal["reap", "output", "frequency", "random"] = Field(
@@ -90,6 +91,11 @@ class StructuredOptions(Recipe, BlockwiseOptions):
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
     seed: NonNegativeInt = Field(0, description="calibration sampling seed")
+
+    @property
+    def windows(self) -> int:
+        """Calibration windows drawn: ``nsamples``, and the search's held-out ones after them."""
+        return self.nsamples + (self.holdout if self.method == "search" else 0)
 
     @model_validator(mode="after")
     def _consistent(self) -> StructuredOptions:

@@ -3,9 +3,10 @@ how much to take from each target so that the model loses ``P`` of its parameter
 least calibration loss.
 
 The loss is the KL divergence from the dense model's next-token distribution on ``holdout``
-calibration windows that no statistic sees (the last ones; the statistics use the others),
-over the dense model's top-256 tokens plus one bucket for the rest (a coarsened KL: ≤ the full
-one, exact when the rest is empty; it needs no vocab-sized teacher logits in memory).
+calibration windows drawn *after* the ``nsamples`` ones (the same seed: the first ``nsamples``
+windows are exactly those every other method calibrates on, and no statistic sees the held-out
+ones), over the dense model's top-256 tokens plus one bucket for the rest (a coarsened KL: ≤
+the full one, exact when the rest is empty; it needs no vocab-sized teacher logits in memory).
 
 1. **One dense pass** (the engine's layer walk, the statistics rows): XᵀX of every linear's
    input (down_proj for MLP channels, o_proj for heads; q/k/v's and gate/up's are the hidden
@@ -16,13 +17,18 @@ one, exact when the rest is empty; it needs no vocab-sized teacher logits in mem
    prefixes; 8 channels per greedy step), hidden by the summed OSSCAR objective (one greedy
    order) with the RMS scale only, depth by the window of least angular distance (Gromov et al.). Every level of every
    target within the budget is built alone and scored: the **sensitivity curves**.
-3. **Allocations**: every combination of levels whose exact parameter count (shapes of the
-   pruned model, computed, not built) removes at least ``P`` of the parameters and at most 1 %
-   more than the closest such combination is ranked by the sum of its targets' KL increases; the ``search_candidates`` best are built
-   (all targets together, still fast) and scored. The lowest measured KL wins.
-4. **Final**: the winner is applied with the full methods in order — depth, hidden (with its
-   re-fit), OSSCAR heads, OSSCAR MLP — each on the calibration windows through the model as
-   pruned so far, and its held-out KL is reported beside the fast estimate.
+3. **Allocations**: for every combination of the other targets' levels, the *filler* (the
+   target with the finest levels, the MLP width where it is a target) takes the level that
+   brings the exact parameter count (shapes of the pruned model, computed, not built) nearest
+   the budget — the rule ``--param-ratio`` follows for a single target, so every allocation,
+   single targets alone included, removes about the same share. Allocations within 1 % of the
+   budget are ranked by the sum of their targets' KL increases; the ``search_candidates`` best
+   and every single target alone are built (all targets together, still fast) and scored.
+4. **Final**: the best single target alone and the best mix (by the fast KL) are each applied
+   with the full methods in order — depth, hidden (with its re-fit), OSSCAR heads, OSSCAR MLP
+   — on the ``nsamples`` windows through the model as pruned so far; the lower held-out KL
+   wins. The search therefore never ends worse, on held-out calibration data, than the best
+   single target it tried at the same budget.
 
 What stays uniform: a standard config has one ``intermediate_size``, one head count and one
 ``hidden_size`` for every layer, so each target's amount is the same in every layer (which
@@ -217,33 +223,43 @@ class SearchPlan:
 
 def allocations(sh: Shapes, levels: dict[str, list[Allocation]], budget: float,
                 accepts: Callable[[Allocation], bool] = lambda a: True) -> list[Allocation]:
-    """Every combination of the targets' levels that the config ``accepts`` and that removes at
-    least ``budget`` of the parameters and at most :data:`TOLERANCE` more than the closest such
-    combination."""
+    """For every combination of the other targets' levels, the filler target's level (the
+    target with the most levels) that brings the removed share nearest ``budget``; kept when the
+    config ``accepts`` it and it is within :data:`TOLERANCE` of the budget (or, where the levels
+    are too coarse for that, as near as the nearest allocation)."""
     total = sh.count(Allocation())
-    found = []
-    for choice in itertools.product(*[[None, *lv] for lv in levels.values()]):
-        a = Allocation(**{t: getattr(c, t) for t, c in zip(levels, choice, strict=True) if c is not None})
-        share = 1 - sh.count(a) / total
-        if share >= budget and accepts(a):
-            found.append((share, a))
+    filler = max(levels, key=lambda t: len(levels[t]))
+    others = [t for t in levels if t != filler]
+
+    def gap(a: Allocation) -> float:
+        return abs(1 - sh.count(a) / total - budget)
+
+    found: dict[Allocation, float] = {}
+    for choice in itertools.product(*[[None, *levels[t]] for t in others]):
+        base = {t: getattr(c, t) for t, c in zip(others, choice, strict=True) if c is not None}
+        fills = [Allocation(**base)] + [Allocation(**base, **{filler: getattr(f, filler)}) for f in levels[filler]]
+        fills = [a for a in fills if accepts(a) and a != Allocation()]
+        if fills:
+            a = min(fills, key=gap)
+            found[a] = gap(a)
     if not found:
         return []
-    least = min(s for s, _ in found)
-    return [a for s, a in found if s <= least + TOLERANCE]
+    near = max(TOLERANCE, min(found.values()))
+    return [a for a, g in found.items() if g <= near]
+
+
+def targets_of(a: Allocation) -> list[str]:
+    """The targets ``a`` takes something from."""
+    return [t for t in ("mlp", "attention", "hidden", "depth") if getattr(a, t) not in (0, ("heads", 0))]
 
 
 def _alone(target: str, amount) -> Allocation:
     return Allocation(**{target: amount})
 
 
-def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: int, holdout: int,
-                nsamples: int) -> SearchPlan:
+def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: int) -> SearchPlan:
     """The levels of every target that fit the budget, or one clear error (a target the model
-    does not have, a budget beyond them all, too few calibration windows)."""
-    if holdout >= nsamples:
-        raise LLMPruneError(f"--holdout {holdout} leaves no calibration window for the statistics "
-                            f"(--nsamples {nsamples}); use fewer held-out windows or more samples")
+    does not have, a budget beyond them all)."""
     sh = shapes(model, targets)  # errors name a target's missing MLP / attention / residual layout
     total = sh.count(Allocation())
 
@@ -274,11 +290,12 @@ def plan_search(model: nn.Module, budget: float, targets: list[str], round_to: i
         cands = [a for a in cands if accepts(a)]
         fits = [a for a in cands if 1 - sh.count(a) / total <= budget + TOLERANCE]
         levels[t] = fits + [a for a in cands if a not in fits][:1]  # and the first past it
+    best = Allocation(**{t: getattr(lv[-1], t) for t, lv in levels.items() if lv})
+    most = 1 - sh.count(best) / total
     found = allocations(sh, levels, budget, accepts)
-    if not found:
-        best = Allocation(**{t: getattr(lv[-1], t) for t, lv in levels.items() if lv})
+    if not found or most < budget - TOLERANCE:
         raise LLMPruneError(f"param_ratio {budget:g} is more than --targets {','.join(targets)} can remove "
-                            f"together within the search's levels (at most {1 - sh.count(best) / total:.3f}); "
+                            f"together within the search's levels (at most {most:.3f}); "
                             "add targets or lower --param-ratio")
     return SearchPlan(budget, tuple(targets), sh, levels, found)
 
@@ -465,39 +482,61 @@ def run_search(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options,
         pts = curves.get(t, [])
         return _interpolate([p["removed_share"] for p in pts], [p["kl"] for p in pts], removed(_alone(t, getattr(a, t))))
 
-    # allocations within the budget, ranked by the summed KL
-    combos = [(sum(predicted(t, a) for t in plan.targets if getattr(a, t) not in (0, ("heads", 0))), a)
-              for a in plan.allocations]
+    # allocations within the budget, ranked by the summed KL; every single target alone as well
+    combos = [(sum(predicted(t, a) for t in targets_of(a)), a) for a in plan.allocations]
     combos.sort(key=lambda c: (c[0], -sh.count(c[1])))
+    chosen_ = combos[: options.search_candidates] + [c for c in combos[options.search_candidates:]
+                                                     if len(targets_of(c[1])) == 1]
     t0 = time.perf_counter()
     candidates = []
-    for pred, a in tqdm(combos[: options.search_candidates], desc="search: allocations", disable=not progress):
+    for pred, a in tqdm(chosen_, desc="search: allocations", disable=not progress):
         candidates.append({"allocation": a.label(), "removed_share": removed(a), "predicted_kl": pred,
                            "kl": teacher.kl(build_fast(model, a, st, plan, options)), "_a": a})
     cand_s = time.perf_counter() - t0
-    best = min(candidates, key=lambda c: c["kl"])
-    chosen: Allocation = best["_a"]
+    # final: the best single target and the best mix, each with the full methods; the lower held-out KL wins
+    t0 = time.perf_counter()
+    finals = [min(group, key=lambda c: c["kl"]) for group in
+              ([c for c in candidates if len(targets_of(c["_a"])) == 1],
+               [c for c in candidates if len(targets_of(c["_a"])) > 1]) if group]
+    finals.sort(key=lambda c: c["kl"], reverse=True)  # the likely winner last: it is applied in place
+    best = None  # (held-out KL, model, steps, candidate)
+    for n, c in enumerate(finals):
+        pruned = model if n == len(finals) - 1 else copy.deepcopy(model)
+        c_steps = apply_allocation(pruned, calib, c["_a"], st, plan, options, device, progress)
+        c["final_kl"] = teacher.kl(pruned)
+        if best is None or c["final_kl"] < best[0]:
+            best = (c["final_kl"], pruned, c_steps, c)
+    _, pruned, steps, winner = best
+    if pruned is not model:  # an earlier final won: the caller's model object becomes it
+        _adopt(model, pruned)
+    final_s = time.perf_counter() - t0
+    chosen: Allocation = winner["_a"]
     for c in candidates:
         del c["_a"]
-    # final: the full methods, in order
-    t0 = time.perf_counter()
-    steps = apply_allocation(model, calib, chosen, st, plan, options, device, progress)
-    final_s = time.perf_counter() - t0
     return {"budget": plan.budget, "targets": list(plan.targets), "chosen": chosen.label(),
             "allocation": {"mlp_channels_removed": chosen.mlp, "attention": list(chosen.attention),
                            "hidden_channels_removed": chosen.hidden, "layers_removed": chosen.depth,
                            "removed_layers": (list(range(st.windows[chosen.depth], st.windows[chosen.depth]
                                                          + chosen.depth)) if chosen.depth else [])},
             "predicted_removed_share": removed(chosen),
-            "kl": {"fast_estimate": best["kl"], "final": teacher.kl(model)},
+            "kl": {"fast_estimate": winner["kl"], "final": winner["final_kl"]},
+            "finals": [{"allocation": c["allocation"], "kl_fast": c["kl"], "kl_final": c["final_kl"]}
+                       for c in finals],
             "holdout_windows": int(held.shape[0]), "statistics_windows": int(calib.shape[0]),
             "sensitivity": curves, "allocations_in_budget": len(combos), "candidates": candidates,
             "uniform": "every layer keeps the same MLP width, head counts and hidden size (a standard config "
                        "has one of each); depth removes a block of consecutive layers",
             "steps": steps,
             "timings": {**st.seconds, "sensitivity_s": sens_s, "candidates_s": cand_s, "final_s": final_s,
-                        "builds_scored": len(scored) + len(candidates),
+                        "builds_scored": len(scored) + len(candidates), "finals": len(finals),
                         "total_s": time.perf_counter() - t_start}}
+
+
+def _adopt(model: nn.Module, other: nn.Module) -> None:
+    """Make ``model`` the pruned copy ``other``: its modules and config (the caller holds ``model``)."""
+    for name, child in other.named_children():
+        setattr(model, name, child)
+    model.config = other.config
 
 
 def apply_allocation(model: nn.Module, ids: torch.Tensor, a: Allocation, st: DenseStats, plan: SearchPlan,
