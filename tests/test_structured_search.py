@@ -184,3 +184,23 @@ def test_moe_and_hidden_is_one_clear_error():
     with pytest.raises(LLMPruneError, match="mixture-of-experts"):
         structured(family_model("qwen2_moe", layers=2), config={"method": "hidden", "ratio": 0.25, "round_to": 8,
                                                                 "seqlen": SL}, progress=False)
+
+
+def test_a_final_on_a_copy_becomes_the_callers_model():
+    """When the first final (pruned on a copy) wins, the caller's model object is made that copy."""
+    import copy
+
+    from llmprune.models.adapter import decoder_layers
+    from llmprune.structured.search import _adopt
+    from llmprune.structured.shrink import drop_layers
+
+    model = tiny_model("llama", layers=3)
+    other = copy.deepcopy(model)
+    drop_layers(other, range(1, 2))
+    ids = calib(1)
+    with torch.no_grad():
+        want = other(ids).logits
+        _adopt(model, other)
+        got = model(ids).logits
+    assert len(decoder_layers(model)) == 2 and model.config.num_hidden_layers == 2
+    torch.testing.assert_close(got, want)

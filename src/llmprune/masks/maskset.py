@@ -118,6 +118,20 @@ class MaskSet(Mapping[str, torch.Tensor]):
         return cls.from_model(model, recorded_targets(d, len(decoder_layers(model))))
 
     @classmethod
+    def to_keep(cls, model: nn.Module, source, masks_file: str | Path | None = None, dense: bool = False) -> MaskSet:
+        """The mask a tuning stage (``recover``, ``blockwise``) keeps exact: ``masks_file`` when
+        given; all ones for a dense (structured) input, whose exact zeros (dequantised weights
+        have some) are no mask, so every weight tunes; a local directory's recorded one
+        (:meth:`of_output`); else the weights' nonzeros."""
+        if masks_file:
+            return cls.load(masks_file, model)
+        if dense:
+            return cls({n: torch.ones_like(m) for n, m in cls.from_model(model).items()})
+        if isinstance(source, str | Path) and Path(source).expanduser().is_dir():
+            return cls.of_output(source, model)
+        return cls.from_model(model)
+
+    @classmethod
     def from_bits(cls, bits: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]] | nn.Module) -> MaskSet:
         """Masks from packed bits (:func:`files.pack`'s form), e.g. what the engine recorded."""
         if isinstance(shapes, nn.Module):

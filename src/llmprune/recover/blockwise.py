@@ -16,10 +16,8 @@ validate → load → teacher → calibrate → ppl → tune → save → ppl �
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Literal
 
-import torch
 import yaml
 from pydantic import Field
 
@@ -116,15 +114,9 @@ def calibrate(job: Job) -> None:
 
 
 def mask_of(job: Job) -> MaskSet:
-    """The mask kept exact: ``--masks``, else the input's recorded one (none for a dense,
-    structured input: its exact zeros are no mask)."""
+    """The mask kept exact (:meth:`MaskSet.to_keep`)."""
     config: BlockwiseConfig = job.config
-    if config.masks:
-        return MaskSet.load(config.masks, job.model)
-    local = Path(config.model).expanduser()
-    if (input_report(config.model) or {}).get("dense"):  # a structured output: no mask, every weight tunes
-        return MaskSet({n: torch.ones_like(m) for n, m in MaskSet.from_model(job.model).items()})
-    return MaskSet.of_output(local, job.model) if local.is_dir() else MaskSet.from_model(job.model)
+    return MaskSet.to_keep(job.model, config.model, config.masks, bool((input_report(config.model) or {}).get("dense")))
 
 
 def tune(job: Job) -> None:

@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-import torch
 import yaml
 from pydantic import Field
 
@@ -44,7 +43,7 @@ from llmprune.masks import MaskSet
 from llmprune.masks.files import MASK_FILE, read_packed
 from llmprune.models.loading import input_paths
 from llmprune.recover import distill, lora
-from llmprune.recover.api import merge_adapter, model_masks, pruned_nonzero, recover, remask_result
+from llmprune.recover.api import merge_adapter, pruned_nonzero, recover, remask_result
 from llmprune.recover.memory import check_recover_memory
 from llmprune.recover.options import RecoverOptions
 from llmprune.report import optional_report
@@ -131,17 +130,7 @@ def check_model(job: Job) -> None:
 def train(job: Job) -> None:
     """Masked fine-tuning or LoRA training; a LoRA adapter stays unmerged for the next stages."""
     config: RecoverConfig = job.config
-    # the mask as recorded: a mask file; none for a dense (structured) input, whose exact zeros
-    # (dequantised weights have some) are no mask, so every weight trains; the input's masks.npz,
-    # or its zeros completed to the N:M pattern its pruning.json records
-    if config.masks:
-        masks = dict(MaskSet.load(config.masks, job.model))
-    elif (job.extra.get("input") or {}).get("dense"):
-        masks = {n: torch.ones_like(m) for n, m in model_masks(job.model).items()}
-    elif isinstance(config.model, str) and Path(config.model).expanduser().is_dir():
-        masks = dict(MaskSet.of_output(config.model, job.model))
-    else:
-        masks = None
+    masks = dict(MaskSet.to_keep(job.model, config.model, config.masks, bool((job.extra.get("input") or {}).get("dense"))))
     work = Path(config.resume).expanduser().resolve() if config.resume else checkpoint_dir(config.out)
     result = recover(job.model, job.tokenizer, RecoverOptions.pick(config), masks=masks,
                      teacher=job.extra.get("teacher"),
