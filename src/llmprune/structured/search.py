@@ -485,11 +485,11 @@ def run_search(model: nn.Module, ids: torch.Tensor, plan: SearchPlan, options,
     # allocations within the budget, ranked by the summed KL; every single target alone as well
     combos = [(sum(predicted(t, a) for t in targets_of(a)), a) for a in plan.allocations]
     combos.sort(key=lambda c: (c[0], -sh.count(c[1])))
-    chosen_ = combos[: options.search_candidates] + [c for c in combos[options.search_candidates:]
-                                                     if len(targets_of(c[1])) == 1]
+    to_score = combos[: options.search_candidates] + [c for c in combos[options.search_candidates:]
+                                                      if len(targets_of(c[1])) == 1]
     t0 = time.perf_counter()
     candidates = []
-    for pred, a in tqdm(chosen_, desc="search: allocations", disable=not progress):
+    for pred, a in tqdm(to_score, desc="search: allocations", disable=not progress):
         candidates.append({"allocation": a.label(), "removed_share": removed(a), "predicted_kl": pred,
                            "kl": teacher.kl(build_fast(model, a, st, plan, options)), "_a": a})
     cand_s = time.perf_counter() - t0
