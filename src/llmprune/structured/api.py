@@ -172,9 +172,9 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
     """Prune ``model`` in place as ``config`` (options, or a dict, plus keyword ``overrides``)
     says; returns the model and the report.
 
-    ``ids``: ready ``(windows, seqlen)`` calibration windows (``nsamples``, plus ``holdout`` for
-    the search) (e.g. shared by a benchmark's
-    runs); without them they are drawn from ``config.calib`` with ``tokenizer``.
+    ``ids``: ready ``(windows, seqlen)`` calibration windows — ``nsamples``, plus ``holdout`` for
+    the search — e.g. shared by a benchmark's runs; without them they are drawn from
+    ``config.calib`` with ``tokenizer``.
     ``device``: where each layer (OSSCAR) or the forward passes (depth) run.
     """
     options = _options(config, overrides)
