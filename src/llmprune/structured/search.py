@@ -74,7 +74,7 @@ from llmprune.structured.shrink import (
 )
 
 TOPK = 256
-TOLERANCE = 0.01  # an allocation may remove up to this share of all parameters more than asked
+TOLERANCE = 0.01  # an allocation's removed share may differ from the budget by up to this much
 MAX_LEVELS = 6  # levels scored alone per target (evenly spread; the others interpolated)
 FAST_BLOCK = 8  # channels per greedy step in the fast orders (the final pruning uses --greedy-block)
 
@@ -218,7 +218,7 @@ class SearchPlan:
     targets: tuple[str, ...]
     shapes: Shapes
     levels: dict[str, list[Allocation]]  # per target, its levels alone (dense excluded)
-    allocations: list[Allocation]  # every combination that meets the budget (see allocations())
+    allocations: list[Allocation]  # the combinations near the budget (see allocations())
 
 
 def allocations(sh: Shapes, levels: dict[str, list[Allocation]], budget: float,
