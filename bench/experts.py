@@ -179,7 +179,54 @@ def parse_args(argv=None):
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(OUT / "experts"), help="writes OUT.json and OUT.md; models in OUT/")
+    p.add_argument("--inside", type=float, default=None, metavar="R",
+                   help="instead of the table: at (about) the parameters of removing 50%% of the experts, REAP 50%% "
+                        "against REAP 25%% + OSSCAR removing R of every kept expert's channels (and its score-only "
+                        "baseline); writes OUT-inside.json / .md")
+    p.add_argument("--round-to", type=int, default=32, help="--inside: expert widths are multiples of this")
     return p.parse_args(argv)
+
+
+def inside_rows(args, base, calib, dense_logits, evals) -> dict:
+    """REAP 50 % against REAP 25 % + OSSCAR inside the kept experts, at (about) equal parameters."""
+    rows = {"reap 50%": dict(ratio=0.5),
+            f"reap 25% + OSSCAR {args.inside:.1%} inside": dict(ratio=0.25, expert_mlp_ratio=args.inside),
+            f"reap 25% + score-only {args.inside:.1%} inside": dict(ratio=0.25, expert_mlp_ratio=args.inside,
+                                                                    greedy=False, local_search=False, refit=False)}
+    out = {}
+    for name, kw in rows.items():
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        rep = structured(model, ids=calib, method="experts", nsamples=args.nsamples, seqlen=args.seqlen,
+                         round_to=args.round_to, progress=False, **kw).report
+        r = evaluate(model, calib, dense_logits, evals, args.seqlen, args.max_windows)
+        inside = rep["experts"].get("expert_mlp")
+        r.update(prune_s=time.perf_counter() - t0, params=rep["params"]["after"],
+                 removed_share=rep["params"]["removed_share"], output_error=rep["experts"]["mean_output_error"],
+                 width=inside["width"]["after"] if inside else None,
+                 inside_recon_error=inside["mean_recon_error"] if inside else None)
+        out[name] = r
+        print(f"  {name}: {r}", flush=True)
+    return out
+
+
+def inside_markdown(results: dict) -> str:
+    c = results["config"]
+    lines = [f"OSSCAR inside the kept experts, tiny trained MoE models ({c['steps']} steps), calibration "
+             f"{c['nsamples']} x {c['seqlen']} C4 tokens; PPL on the first {c['max_windows']} windows of "
+             f"{c['seqlen']} tokens.", "",
+             "| model | rows | params | removed | expert width | inside error | calib KL | WikiText-2 PPL | C4 PPL "
+             "| prune s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for family, res in results["models"].items():
+        d = res["dense"]
+        lines.append(f"| {family} | dense | {res['params'] / 1e6:.3f} M | 0 | | | 0 | {d['ppl_wikitext2']:.2f} | "
+                     f"{d['ppl_c4']:.2f} | |")
+        for name, r in res["inside"].items():
+            err = f"{r['inside_recon_error']:.4f}" if r["inside_recon_error"] is not None else ""
+            lines.append(f"| {family} | {name} | {r['params'] / 1e6:.3f} M | {r['removed_share']:.1%} | "
+                         f"{r['width'] or ''} | {err} | {r['calib_kl']:.4f} | {r['ppl_wikitext2']:.2f} | "
+                         f"{r['ppl_c4']:.2f} | {r['prune_s']:.1f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -192,6 +239,7 @@ def main(argv=None) -> None:
     evals = {"wikitext2": eval_token_stream(load_corpus("wikitext2", "test"), tok, args.seqlen),
              "c4": eval_token_stream(load_corpus("c4", "validation"), tok, args.seqlen)}
     ratios = [float(r) for r in args.ratios.split(",")]
+    stem = f"{out}-inside" if args.inside is not None else str(out)
     results = {"config": {**vars(args), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
                           "load_start": os.getloadavg()[0], "torch": torch.__version__}, "models": {}}
     for family in args.families.split(","):
@@ -203,6 +251,10 @@ def main(argv=None) -> None:
         res = {"dir": str(d), "params": count_params(base), "dense": evaluate(base, calib, dense_logits, evals,
                                                                               args.seqlen, args.max_windows)}
         print(f"{family}: dense {res['dense']}", flush=True)
+        if args.inside is not None:
+            res["inside"] = inside_rows(args, base, calib, dense_logits, evals)
+            results["models"][family] = res
+            continue
         for ratio in ratios:
             cell = {}
             runs = [("reap", 0), ("output", 0), ("frequency", 0)] + [("random", s) for s in range(args.seeds)]
@@ -225,11 +277,11 @@ def main(argv=None) -> None:
                 print(f"{family} {ratio:g} {score} {seed}: {r}", flush=True)
             res[f"{ratio:g}"] = cell
         results["models"][family] = res
-        Path(f"{out}.json").write_text(json.dumps(results, indent=1))
+        Path(f"{stem}.json").write_text(json.dumps(results, indent=1))
     results["config"]["load_end"] = os.getloadavg()[0]
-    Path(f"{out}.json").write_text(json.dumps(results, indent=1))
-    table = markdown(results)
-    Path(f"{out}.md").write_text(table + "\n")
+    table = inside_markdown(results) if args.inside is not None else markdown(results)
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=1))
+    Path(f"{stem}.md").write_text(table + "\n")
     print(table)
 
 

@@ -144,7 +144,8 @@ def plan_structured(model: nn.Module, options: StructuredOptions) -> StructuredP
         width, inter = _osscar_width(model, layers, options)
         return StructuredPlan("osscar", width=width, intermediate=inter, n_layers=len(layers))
     if options.method == "experts":
-        experts = plan_experts(model, options.ratio, options.param_ratio, count_params(model))
+        experts = plan_experts(model, options.ratio, options.param_ratio, count_params(model),
+                               options.expert_mlp_ratio, options.round_to)
         return StructuredPlan("experts", n_layers=len(layers), experts=experts)
     return StructuredPlan("depth", k=_depth_k(model, layers, options), n_layers=len(layers))
 
@@ -207,7 +208,7 @@ def structured(model: nn.Module, tokenizer=None, config: StructuredOptions | dic
         section = run_osscar(model, ids, plan, options, device, progress)
     elif plan.method == "experts":
         section = run_experts(model, ids, plan.experts, options.expert_score, options.seed, device, progress,
-                              options.expert_candidates)
+                              options.expert_candidates, options.osscar_kwargs())
     else:
         section = run_depth(model, ids, plan, options, device, progress)
     params_after = count_params(model)
@@ -252,10 +253,7 @@ def run_osscar(model: nn.Module, ids: torch.Tensor, plan: StructuredPlan, option
             stats = walk.collect(layer, XTX, each=tuner.write if local else None)
             H = stats.get(trip.down)["xtx"]
             del stats  # the other linears' XᵀX: only down_proj's is needed
-        res = osscar_prune(down.weight, H, plan.width, greedy=options.greedy,
-                           local_search_swaps=options.swaps if options.local_search else 0,
-                           refit_down=options.refit, block=options.greedy_block,
-                           candidates=options.candidates, percdamp=options.percdamp, shrink=options.shrink, **target)
+        res = osscar_prune(down.weight, H, plan.width, **options.osscar_kwargs(**target))
         del H, target
         removed = sorted(set(range(plan.intermediate)) - set(res.keep.tolist()))
         shrink_mlp(layer, trip, res.keep, res.down)

@@ -185,11 +185,8 @@ def run_attention(model: nn.Module, ids: torch.Tensor, plan: HeadPlan, options, 
             finally:
                 stats.remove()
             H = stats.get(info.o)["xtx"]
-        res = osscar_prune(o.weight, H, plan.heads_after * plan.head_dim, greedy=options.greedy,
-                           local_search_swaps=options.swaps if options.local_search else 0,
-                           refit_down=options.refit, block=1, candidates=options.candidates,
-                           percdamp=options.percdamp, shrink=options.shrink, group=plan.structure,
-                           buckets=None if buckets is None else buckets.to(H.device), **target)
+        res = osscar_prune(o.weight, H, plan.heads_after * plan.head_dim, **options.osscar_kwargs(
+            block=1, group=plan.structure, buckets=None if buckets is None else buckets.to(H.device), **target))
         del H, target
         keep_heads = res.keep[:: plan.head_dim].cpu() // plan.head_dim
         removed = sorted(set(range(plan.heads)) - set(keep_heads.tolist()))

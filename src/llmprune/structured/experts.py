@@ -54,6 +54,8 @@ from llmprune.models.adapter import (
     text_config,
 )
 from llmprune.models.loading import BUNDLED, cache_dir
+from llmprune.structured import expert_mlp
+from llmprune.structured.osscar import mlp_width
 
 # Config attributes that hold the number of routed experts, as the families spell them.
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -140,6 +142,9 @@ class ExpertsPlan:
 
     moe: MoEConfig
     removed: int  # experts removed from every MoE layer
+    width: int | None = None  # --expert-mlp-ratio: every kept expert's intermediate width after
+    intermediate: int | None = None  # ... and before
+    width_key: str | None = None  # the config attribute that holds it
 
     @property
     def kept(self) -> int:
@@ -147,9 +152,10 @@ class ExpertsPlan:
 
 
 def plan_experts(model: nn.Module, ratio: float | None, param_ratio: float | None,
-                 total_params: int) -> ExpertsPlan:
+                 total_params: int, mlp_ratio: float | None = None, round_to: int = 64) -> ExpertsPlan:
     """Every model-dependent check of expert removal, before any data: the count per layer,
-    uniform expert counts, a supported MoE layout."""
+    uniform expert counts, a supported MoE layout; with ``mlp_ratio`` (OSSCAR inside the kept
+    experts) the width, which ``param_ratio`` then counts as removed before the experts."""
     moe = moe_config(model.config)
     blocks = {i: moe_blocks(layer) for i, layer in enumerate(decoder_layers(model))}
     blocks = {i: b for i, b in blocks.items() if b}
@@ -159,19 +165,34 @@ def plan_experts(model: nn.Module, ratio: float | None, param_ratio: float | Non
     if counts != [moe.num_experts]:
         raise LLMPruneError(f"the MoE blocks hold {counts} experts but config.{moe.key} says {moe.num_experts}; "
                             "expert removal keeps one count for every layer")
+    first = next(iter(blocks.values()))[0]
+    width = inter = key = None
+    shrunk = 0  # parameters OSSCAR takes from each kept expert
+    if mlp_ratio is not None:
+        inter = {expert_mlp.check_expert_layout(mb) for bs in blocks.values() for mb in bs}
+        if len(inter) != 1:
+            raise LLMPruneError(f"the experts' widths differ between layers ({sorted(inter)}); "
+                                "--expert-mlp-ratio keeps one width")
+        inter = inter.pop()
+        key = expert_mlp.expert_width_key(model, inter)
+        width = mlp_width(inter, mlp_ratio, round_to, "expert channel")
+        shrunk = expert_mlp.expert_mlp_params(first) * (inter - width) // inter
     if ratio is not None:
         removed = experts_removed(moe, ratio)
     else:
-        per_expert = expert_params(next(iter(blocks.values()))[0])
+        per_expert = expert_params(first)
         n_blocks = sum(len(b) for b in blocks.values())
-        removed = round(param_ratio * total_params / (n_blocks * per_expert))
+        budget = param_ratio * total_params / n_blocks - moe.num_experts * shrunk  # per layer, beyond the shrink
+        removed = round(budget / (per_expert - shrunk))
         if removed < 1:
-            raise LLMPruneError(f"param_ratio {param_ratio:g} is less than one expert per MoE layer "
+            also = " beside --expert-mlp-ratio's" if shrunk else ""
+            raise LLMPruneError(f"param_ratio {param_ratio:g} is less than one expert per MoE layer{also} "
                                 f"({n_blocks * per_expert / total_params:.4f} of the parameters per expert removed "
                                 "from every layer)")
-        most = (moe.num_experts - moe.top_k) * n_blocks * per_expert / total_params
+        most = (moe.num_experts * shrunk + (moe.num_experts - moe.top_k) * (per_expert - shrunk)) \
+            * n_blocks / total_params
         removed = _check_kept(moe, removed, f"param_ratio {param_ratio:g}", f"--param-ratio ≤ {most:.3g}")
-    return ExpertsPlan(moe, removed)
+    return ExpertsPlan(moe, removed, width, inter, key)
 
 
 # --- routing statistics -----------------------------------------------------------------------
@@ -311,15 +332,16 @@ def remove_experts(mb: MoEBlock, keep: torch.Tensor) -> MoEBlock:
     return MoEBlock(mb.name, mb.block, mb.router, mb.experts, len(keep))
 
 
-def set_num_experts(model: nn.Module, moe: MoEConfig, kept: int) -> None:
-    """Write the new routed-expert count into the config (and the text config's parent)."""
+def set_config(model: nn.Module, key: str, value: int) -> None:
+    """Write ``key`` (the expert count, the experts' width) into the config and the text config's
+    parent."""
     config = model.config
     text = text_config(config)
     for c in {id(config): config, id(text): text}.values():
-        if hasattr(c, moe.key):
-            setattr(c, moe.key, kept)
-    if getattr(text, moe.key) != kept:
-        raise RuntimeError(f"config.{moe.key} did not take the new expert count {kept}")
+        if hasattr(c, key):
+            setattr(c, key, value)
+    if getattr(text, key) != value:
+        raise RuntimeError(f"config.{key} did not take the new value {value}")
 
 
 # --- greedy selection by the block's output error ---------------------------------------------
@@ -385,10 +407,12 @@ def greedy_output_removal(mb: MoEBlock, xs: list[torch.Tensor], removed: int, sa
 # --- the walk ---------------------------------------------------------------------------------
 @torch.no_grad()
 def run_experts(model: nn.Module, ids: torch.Tensor, plan: ExpertsPlan, score: str, seed: int = 0,
-                device: str | torch.device = "cpu", progress: bool = True, candidates: int = 16) -> dict:
+                device: str | torch.device = "cpu", progress: bool = True, candidates: int = 16,
+                osscar: dict | None = None) -> dict:
     """Remove ``plan.removed`` experts from every MoE layer, layer by layer; the report's
     ``experts`` part. Every layer's entry has the relative output error ‖Y − Ŷ‖² / ‖Y‖² of its
-    MoE block on the calibration tokens (Y with every expert, Ŷ with the kept ones)."""
+    MoE block on the calibration tokens (Y with every expert, Ŷ with the kept ones). With
+    ``plan.width`` every kept expert's MLP is then shrunk by OSSCAR (``osscar``: its options)."""
     walk = LayerWalk(model, ids, device, f"experts ({score})", progress)
     entries = []
     for i, layer in walk:
@@ -414,16 +438,22 @@ def run_experts(model: nn.Module, ids: torch.Tensor, plan: ExpertsPlan, score: s
                 keep = keep_experts(expert_scores(s, score, seed + i), plan.kept)
             ys = block_output(mb, xs)
             error = output_error(mb, xs, ys, keep) / sum(float(y.double().pow(2).sum()) for y in ys)
-            del ys, xs[:]
+            del ys
             index, weight = s.routing()
-            remove_experts(mb, keep)
+            kept_mb = remove_experts(mb, keep)
+            mlp = (expert_mlp.shrink_expert_mlps(kept_mb, xs, plan.width, **(osscar or {}))
+                   if plan.width is not None else None)
+            del xs[:]
             removed = sorted(set(range(mb.num_experts)) - set(keep.tolist()))
             entries.append({"index": i, "block": mb.name, "removed": removed, "kept": keep.tolist(),
                             "output_error": error, **({"greedy_errors": steps} if steps else {}),
+                            **({"expert_mlp": mlp} if mlp else {}),
                             "tokens": int(index.shape[0]), "tokens_routed": s.count.long().tolist(),
                             "reap": saliency.tolist(), "gate_sum": s.gate_sum.tolist(),
                             **removal_effect(index, weight, keep), "seconds": time.perf_counter() - t0})
-    set_num_experts(model, plan.moe, plan.kept)
+    set_config(model, plan.moe.key, plan.kept)
+    if plan.width is not None:
+        set_config(model, plan.width_key, plan.width)
     mean = {k: sum(e[k] for e in entries) / len(entries)
             for k in ("output_error", "rerouted_share", "routed_weight_kept")}
     return {"score": score, "config_key": plan.moe.key,
@@ -431,4 +461,8 @@ def run_experts(model: nn.Module, ids: torch.Tensor, plan: ExpertsPlan, score: s
             "top_k": plan.moe.top_k, "norm_topk_prob": plan.moe.norm_topk_prob,
             "removed_ratio": plan.removed / plan.moe.num_experts,
             "router": "softmax over the kept experts (the router's rows of removed experts are deleted)",
+            **({"expert_mlp": {"config_key": plan.width_key, "width": {"before": plan.intermediate,
+                                                                       "after": plan.width},
+                               "mean_recon_error": sum(e["expert_mlp"]["mean_recon_error"] for e in entries)
+                               / len(entries)}} if plan.width is not None else {}),
             **{f"mean_{k}": v for k, v in mean.items()}, "layers": entries}

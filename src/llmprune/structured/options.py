@@ -87,6 +87,10 @@ class StructuredOptions(Recipe, BlockwiseOptions):
                             "tokens re-routed) | frequency (fewest tokens routed) | random (seeded)")
     expert_candidates: PositiveInt = Field(16, description="experts, output: experts tried per greedy step (the "
                                                            "least salient by REAP)")
+    expert_mlp_ratio: UnitInterval | None = Field(
+        None, description="experts: also remove this share of every kept expert's MLP channels by OSSCAR on the "
+                          "tokens routed to it (router-weighted; greedy, local search, down_proj re-fit), the "
+                          "width a multiple of --round-to; in (0, 1)")
     calib: str = Field("c4", description="calibration data: c4 | wikitext2 | FILE (.txt/.jsonl)")
     nsamples: PositiveInt = Field(128, description="calibration windows")
     seqlen: PositiveInt = Field(2048, description="tokens per calibration window")
@@ -97,12 +101,21 @@ class StructuredOptions(Recipe, BlockwiseOptions):
         """Calibration windows drawn: ``nsamples``, and the search's held-out ones after them."""
         return self.nsamples + (self.holdout if self.method == "search" else 0)
 
+    def osscar_kwargs(self, **override) -> dict:
+        """:func:`~llmprune.structured.osscar.osscar_prune`'s options as these say (``override``
+        replaces some)."""
+        return {"greedy": self.greedy, "local_search_swaps": self.swaps if self.local_search else 0,
+                "refit_down": self.refit, "block": self.greedy_block, "candidates": self.candidates,
+                "percdamp": self.percdamp, "shrink": self.shrink, **override}
+
     @model_validator(mode="after")
     def _consistent(self) -> StructuredOptions:
         unknown = [t for t in self.targets if t not in SEARCH_TARGETS]
         if unknown or not self.targets:
             raise ValueError(f"--targets must be a comma-separated subset of {','.join(SEARCH_TARGETS)}, "
                              f"got {','.join(self.targets) or 'nothing'}")
+        if self.expert_mlp_ratio is not None and self.method != "experts":
+            raise ValueError(f"--expert-mlp-ratio applies to --method experts, not --method {self.method}")
         if self.method == "search":
             for wrong in ("ratio", "layers"):
                 if getattr(self, wrong) is not None:
