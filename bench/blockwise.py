@@ -26,6 +26,7 @@ Smoke test::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -131,11 +132,7 @@ def main() -> None:
         extra = bw if blockwise else {}
         load = load_avg()
         if kind in ("osscar", "depth"):
-            m = model
-            if kind == "depth":  # depth deletes layers: work on a copy, the shared model stays whole
-                import copy
-
-                m = copy.deepcopy(model)
+            m = copy.deepcopy(model)  # both change shapes: work on a copy, the shared model stays whole
             opts = (dict(ratio=float(setting), round_to=64) if kind == "osscar"
                     else dict(method="depth", layers=int(setting), score="cosine"))
             t0, cpu0 = time.perf_counter(), time.process_time()
