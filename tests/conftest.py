@@ -190,6 +190,16 @@ def no_heavy_work(monkeypatch):
 
 
 @pytest.fixture
+def no_calibration_data(monkeypatch):
+    """Structured pruning must refuse bad input before it reads any calibration text."""
+
+    def no_data(*_a, **_k):
+        raise AssertionError("calibration data was read before the input was checked")
+
+    monkeypatch.setattr("llmprune.structured.api.load_corpus", no_data)
+
+
+@pytest.fixture
 def no_pruning(monkeypatch):
     """Bad input that needs the loaded model must be refused before any work beyond loading it."""
     arm_tripwire(monkeypatch, weights=False)

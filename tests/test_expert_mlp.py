@@ -119,14 +119,10 @@ def test_param_ratio_counts_the_shrink_before_the_experts():
     (lambda: tiny_model("llama", layers=2), dict(method="experts", ratio=0.25, expert_mlp_ratio=0.5),
      "needs a mixture-of-experts model"),
 ])
-def test_bad_input_is_one_clear_error_before_any_work(model_fn, opts, msg, monkeypatch):
+def test_bad_input_is_one_clear_error_before_any_work(model_fn, opts, msg, no_calibration_data):
     model = model_fn()
     snapshot = [t.clone() for t in model.state_dict().values()]
 
-    def no_data(*_a, **_k):
-        raise AssertionError("calibration data was read before the input was checked")
-
-    monkeypatch.setattr("llmprune.structured.api.load_corpus", no_data)
     if msg is None:  # a valid case: moe_intermediate_size names the experts' width, whatever else equals it
         structured(model, ids=calib(), config={"nsamples": NS, "seqlen": SL, **opts}, progress=False)
         assert model.config.moe_intermediate_size == 64 and model.config.intermediate_size == 128

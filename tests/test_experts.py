@@ -298,14 +298,10 @@ def test_param_ratio_removes_about_that_share():
     (lambda: moe_model("mixtral"), dict(ratio=0.5, expert_score="bogus"), "expert_score"),
     (lambda: moe_model("mixtral"), dict(ratio=0.5, expert_candidates=0), "expert_candidates"),
 ])
-def test_bad_input_is_one_clear_error_before_any_work(model_fn, opts, msg, monkeypatch):
+def test_bad_input_is_one_clear_error_before_any_work(model_fn, opts, msg, no_calibration_data):
     model = model_fn()
     snapshot = [t.clone() for t in model.state_dict().values()]
 
-    def no_data(*_a, **_k):
-        raise AssertionError("calibration data was read before the input was checked")
-
-    monkeypatch.setattr("llmprune.structured.api.load_corpus", no_data)
     with pytest.raises(LLMPruneError, match=msg):
         structured(model, config={"method": "experts", "seqlen": SL, **opts}, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snapshot, strict=True))

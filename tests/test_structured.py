@@ -444,14 +444,10 @@ def _untouched(model, snapshot) -> bool:
      "no recognised gated MLP: expected one module with gate_proj \\+ up_proj \\+ down_proj"),
     (lambda: family_model("mixtral", layers=2), dict(ratio=0.5, round_to=16), "mixture-of-experts"),
 ])
-def test_bad_input_is_one_clear_error_before_any_work(model_fn, opts, msg, monkeypatch):
+def test_bad_input_is_one_clear_error_before_any_work(model_fn, opts, msg, no_calibration_data):
     model = model_fn()
     snapshot = [t.clone() for t in model.state_dict().values()]
 
-    def no_data(*_a, **_k):
-        raise AssertionError("calibration data was read before the input was checked")
-
-    monkeypatch.setattr("llmprune.structured.api.load_corpus", no_data)
     with pytest.raises(LLMPruneError, match=msg):
         structured(model, tokenizer=None, config={"seqlen": SL, **opts}, progress=False)
     assert _untouched(model, snapshot)

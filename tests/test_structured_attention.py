@@ -236,14 +236,10 @@ def test_kv_cache_generation_equals_no_cache_decode():
     ("llama_mha", dict(ratio=0.1), "removes no head"),
     ("phi3", dict(ratio=0.5), "fused self_attn.qkv_proj is not supported"),
 ])
-def test_bad_head_counts_are_one_clear_error_before_any_work(name, opts, msg, monkeypatch):
+def test_bad_head_counts_are_one_clear_error_before_any_work(name, opts, msg, no_calibration_data):
     model = shaped_model(name) if name != "phi3" else family_model("phi3", layers=2)
     snapshot = [t.clone() for t in model.state_dict().values()]
 
-    def no_data(*_a, **_k):
-        raise AssertionError("calibration data was read before the input was checked")
-
-    monkeypatch.setattr("llmprune.structured.api.load_corpus", no_data)
     with pytest.raises(LLMPruneError, match=msg):
         structured(model, tokenizer=None, config={"seqlen": SL, "target": "attention", **opts}, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snapshot, strict=True))

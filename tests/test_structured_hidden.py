@@ -197,14 +197,10 @@ def test_saved_models_reload_in_plain_transformers(tmp_path):
     ("gpt_neox", dict(ratio=0.25, round_to=8), "needs RMSNorm"),
     ("llama", dict(ratio=0.25, layers=2), "--layers does not apply to --method hidden"),
 ])
-def test_bad_input_is_one_clear_error_before_any_work(name, opts, msg, monkeypatch):
+def test_bad_input_is_one_clear_error_before_any_work(name, opts, msg, no_calibration_data):
     model = model_of(name) if name in FAMILIES else family_model(name, layers=2)
     snapshot = [t.clone() for t in model.state_dict().values()]
 
-    def no_data(*_a, **_k):
-        raise AssertionError("calibration data was read before the input was checked")
-
-    monkeypatch.setattr("llmprune.structured.api.load_corpus", no_data)
     with pytest.raises(LLMPruneError, match=msg):
         structured(model, tokenizer=None, config={"seqlen": SL, "method": "hidden", **opts}, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snapshot, strict=True))
@@ -231,9 +227,8 @@ def nine_heads():
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def test_a_hidden_size_the_config_refuses_is_one_line_with_the_nearest_it_accepts(monkeypatch):
+def test_a_hidden_size_the_config_refuses_is_one_line_with_the_nearest_it_accepts(no_calibration_data):
     model = nine_heads()
-    monkeypatch.setattr("llmprune.structured.api.load_corpus", lambda *a, **k: pytest.fail("data was read"))
     with pytest.raises(LLMPruneError, match=r"hidden size 112 is not one LlamaConfig accepts \(.*multiple of the "
                                             r"number of attention heads \(9\)\.?\); the nearest it accepts .*: 72"):
         structured(model, config={"method": "hidden", "ratio": 0.25, "round_to": 8, "seqlen": SL}, progress=False)
