@@ -113,9 +113,6 @@ def test_param_ratio_counts_the_shrink_before_the_experts():
      "removes no expert channel"),
     (lambda: moe_model("mixtral"), dict(method="experts", ratio=0.25, expert_mlp_ratio=1.5),
      "expert_mlp_ratio"),
-    # Qwen2-MoE without moe_intermediate_size's value: intermediate_size is also the dense layers'
-    (lambda: moe_model("qwen2_moe", layers=3, mlp_only_layers=[1], moe_intermediate_size=128),
-     dict(method="experts", ratio=0.25, expert_mlp_ratio=0.5, round_to=8), None),
     (lambda: tiny_model("llama", layers=2), dict(method="experts", ratio=0.25, expert_mlp_ratio=0.5),
      "needs a mixture-of-experts model"),
 ])
@@ -123,13 +120,16 @@ def test_bad_input_is_one_clear_error_before_any_work(model_fn, opts, msg, no_ca
     model = model_fn()
     snapshot = [t.clone() for t in model.state_dict().values()]
 
-    if msg is None:  # a valid case: moe_intermediate_size names the experts' width, whatever else equals it
-        structured(model, ids=calib(), config={"nsamples": NS, "seqlen": SL, **opts}, progress=False)
-        assert model.config.moe_intermediate_size == 64 and model.config.intermediate_size == 128
-        return
     with pytest.raises((LLMPruneError, ValueError), match=msg):
         structured(model, config={"seqlen": SL, **opts}, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snapshot, strict=True))
+
+
+def test_moe_intermediate_size_names_the_experts_width_whatever_else_equals_it():
+    model = moe_model("qwen2_moe", layers=3, mlp_only_layers=[1], moe_intermediate_size=128)
+    structured(model, ids=calib(), config={"method": "experts", "ratio": 0.25, "expert_mlp_ratio": 0.5,
+                                           "round_to": 8, "nsamples": NS, "seqlen": SL}, progress=False)
+    assert model.config.moe_intermediate_size == 64 and model.config.intermediate_size == 128
 
 
 def test_width_key_refuses_a_width_no_config_attribute_holds_alone():

@@ -28,6 +28,7 @@ from llmprune.models.adapter import (
     text_config,
 )
 from llmprune.structured.osscar import DTYPE, osscar_prune
+from llmprune.structured.shrink import set_tensor
 
 # Most float64 Gram-matrix bytes held at once; the experts' statistics are gathered in passes of
 # as many experts as fit (Mixtral-8x7B: 1.6 GB per expert).
@@ -136,14 +137,14 @@ def shrink_expert_mlps(mb: MoEBlock, xs: list[torch.Tensor], width: int, **ossca
     first = "gate_up_proj" if view.has_gate else "up_proj"
     rows = [_intermediate_rows(results[e].keep, inter, view) for e in range(n)]
     up = getattr(fused, first).data
-    _replace(fused, first, torch.stack([up[e].index_select(int(transposed), rows[e].to(up.device))
-                                        for e in range(n)]))
+    set_tensor(fused, first, torch.stack([up[e].index_select(int(transposed), rows[e].to(up.device))
+                                          for e in range(n)]))
     down = fused.down_proj.data
-    _replace(fused, "down_proj", torch.stack([(results[e].down.T if transposed else results[e].down).to(down)
+    set_tensor(fused, "down_proj", torch.stack([(results[e].down.T if transposed else results[e].down).to(down)
                                               for e in range(n)]))
     if getattr(fused, "has_bias", False):
         bias = getattr(fused, f"{first}_bias").data
-        _replace(fused, f"{first}_bias", torch.stack([bias[e].index_select(0, rows[e].to(bias.device))
+        set_tensor(fused, f"{first}_bias", torch.stack([bias[e].index_select(0, rows[e].to(bias.device))
                                                       for e in range(n)]))
     for attr in ("intermediate_dim", "intermediate_size", "moe_intermediate_size"):
         if getattr(fused, attr, None) == inter:
@@ -154,7 +155,3 @@ def shrink_expert_mlps(mb: MoEBlock, xs: list[torch.Tensor], width: int, **ossca
             "mean_recon_error": sum(errors) / n, "tokens": [tokens[e] for e in range(n)],
             "swaps": sum(r.swaps for r in results.values())}
 
-
-def _replace(module: nn.Module, name: str, t: torch.Tensor) -> None:
-    old = module._parameters[name]
-    module._parameters[name] = nn.Parameter(t.contiguous(), requires_grad=old.requires_grad)

@@ -56,6 +56,7 @@ from llmprune.models.adapter import (
 from llmprune.models.loading import BUNDLED, cache_dir
 from llmprune.structured import expert_mlp
 from llmprune.structured.osscar import mlp_width
+from llmprune.structured.shrink import set_tensor
 
 # Config attributes that hold the number of routed experts, as the families spell them.
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -296,18 +297,10 @@ def _expert_tensors(mod: nn.Module, n: int, nested: bool) -> Iterator[tuple[nn.M
                 yield owner, name, t, dim
 
 
-def _set_tensor(owner: nn.Module, name: str, t: torch.Tensor) -> None:
-    if name in owner._parameters:
-        old = owner._parameters[name]
-        owner._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[name] = t
-
-
 def _slice_experts(mod: nn.Module, n: int, keep: torch.Tensor, nested: bool) -> None:
     """Keep entries ``keep`` of every tensor of ``mod`` indexed by expert (:func:`_expert_tensors`)."""
     for owner, name, t, dim in list(_expert_tensors(mod, n, nested)):
-        _set_tensor(owner, name, t.data.index_select(dim, keep.to(t.device)).contiguous())
+        set_tensor(owner, name, t.data.index_select(dim, keep.to(t.device)).contiguous())
     for owner in (mod.modules() if nested else [mod]):
         for attr in ("num_experts", "num_local_experts", "out_features"):  # the modules' own counts
             if getattr(owner, attr, None) == n and _int(getattr(owner, attr)):
@@ -367,7 +360,7 @@ def routed_to(mb: MoEBlock, keep: torch.Tensor) -> Iterator[None]:
     finally:
         handle.remove()
         for owner, name, t in saved:
-            _set_tensor(owner, name, t)
+            set_tensor(owner, name, t)
         for m, a, v in counts:
             setattr(m, a, v)
 

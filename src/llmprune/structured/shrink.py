@@ -41,6 +41,15 @@ def _set_weight(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
     lin.out_features, lin.in_features = lin.weight.shape
 
 
+def set_tensor(owner: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Replace ``owner``'s parameter (keeping its ``requires_grad``) or buffer ``name`` by ``t``."""
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        owner._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[name] = t
+
+
 def config_rejects(model: nn.Module, **changes) -> str | None:
     """Why transformers would refuse the model's config with ``changes`` (e.g. ``hidden_size``,
     ``num_attention_heads``) — Llama's requires hidden_size to be a multiple of the head count —
