@@ -95,11 +95,14 @@ def is_2_4(model) -> bool:
 
 
 def cell(x: dict) -> str:
-    return f"{x['ppl']:.2f} ({x['gap_closed']:.0%})" if x else "-"
+    if not x:
+        return "-"
+    return f"{x['ppl']:.2f} ({x['gap_closed']:.0%})" if x["gap_closed"] is not None else f"{x['ppl']:.2f}"
 
 
-def gap_closed(after: float, before: float, dense: float) -> float:
-    return (before - after) / (before - dense)
+def gap_closed(after: float, before: float, dense: float) -> float | None:
+    """Share of the gap to dense closed; None for the dense model itself (no gap: a ceiling row)."""
+    return (before - after) / (before - dense) if before != dense else None
 
 
 def save(out: Path, result: dict) -> None:
@@ -217,8 +220,8 @@ def main() -> None:
             rows[key] = row
             result["sources"][source] = rows
             save(out, result)
-            print(f"{source} + {key}: PPL {row['ppl']:.2f} (gap closed {row['gap_closed']:.2f}, "
-                  f"{row['tokens_per_s']:.0f} tok/s, load {row['load_avg'][0]:.1f}-{row['load_avg'][1]:.1f})",
+            print(f"{source} + {key}: PPL (gap closed) {cell(row)}; "
+                  f"{row['tokens_per_s']:.0f} tok/s, load {row['load_avg'][0]:.1f}-{row['load_avg'][1]:.1f}",
                   flush=True)
         result["sources"][source] = rows
         save(out, result)
