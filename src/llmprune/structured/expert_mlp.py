@@ -136,16 +136,17 @@ def shrink_expert_mlps(mb: MoEBlock, xs: list[torch.Tensor], width: int, **ossca
     transposed = getattr(fused, "is_transposed", False)
     first = "gate_up_proj" if view.has_gate else "up_proj"
     rows = [_intermediate_rows(results[e].keep, inter, view) for e in range(n)]
-    up = getattr(fused, first).data
-    set_tensor(fused, first, torch.stack([up[e].index_select(int(transposed), rows[e].to(up.device))
-                                          for e in range(n)]))
+
+    def keep_rows(name: str, dim: int) -> None:  # every expert's kept intermediate rows of a fused tensor
+        t = getattr(fused, name).data
+        set_tensor(fused, name, torch.stack([t[e].index_select(dim, rows[e].to(t.device)) for e in range(n)]))
+
+    keep_rows(first, int(transposed))
     down = fused.down_proj.data
     set_tensor(fused, "down_proj", torch.stack([(results[e].down.T if transposed else results[e].down).to(down)
-                                              for e in range(n)]))
+                                                for e in range(n)]))
     if getattr(fused, "has_bias", False):
-        bias = getattr(fused, f"{first}_bias").data
-        set_tensor(fused, f"{first}_bias", torch.stack([bias[e].index_select(0, rows[e].to(bias.device))
-                                                      for e in range(n)]))
+        keep_rows(f"{first}_bias", 0)
     for attr in ("intermediate_dim", "intermediate_size", "moe_intermediate_size"):
         if getattr(fused, attr, None) == inter:
             setattr(fused, attr, width)
